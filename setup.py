@@ -1,0 +1,19 @@
+"""Package layout for setuptools (metadata lives in pyproject.toml).
+
+One distribution, two import packages: ``kat`` (src/kat) and ``kat_kernels`` (kernels/). The Hydra
+config tree ``conf/`` is shipped inside ``kat`` as the data package ``kat.conf`` so that a
+non-editable install (the GPU machine) finds it too.
+"""
+from setuptools import find_packages, setup
+
+
+def _tree(root: str, name: str) -> list[str]:
+    return [name] + [f"{name}.{p}" for p in find_packages(root)]
+
+
+setup(
+    packages=_tree("src/kat", "kat") + _tree("kernels", "kat_kernels") + ["kat.conf"],
+    package_dir={"kat": "src/kat", "kat_kernels": "kernels", "kat.conf": "conf"},
+    package_data={"kat.conf": ["*.yaml", "*/*.yaml", "*/*/*.yaml"]},
+    include_package_data=False,
+)
