@@ -1,0 +1,179 @@
+"""What every kat stage shares: optimizer and schedule, generation-based validation, HF export.
+
+A stage is a LightningModule with a ``from_config(cfg, model, tokenizer)`` constructor that picks what
+it needs from the composed config (kat.train calls it), ``self.model`` (an HF causal LM) and
+``self.tokenizer``.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from kat import metrics
+from kat.models import hf
+from kat.rollout.evaluate import evaluate
+from kat.utils import get_logger
+
+log = get_logger(__name__)
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: float):
+    """Linear warm-up, then ``constant`` or ``cosine`` decay to ``min_lr_ratio`` at ``total_steps``."""
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"optim.schedule must be constant or cosine, got {schedule!r}")
+
+    def f(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant" or total_steps <= warmup_steps:
+            return 1.0
+        t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
+class KatStage(L.LightningModule):
+    """Base class: ``optim`` (dict), ``val`` (dict: fmt, modes, max_new_tokens, batch_size)."""
+
+    def __init__(self, model, tokenizer, *, optim: dict, val: dict):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.optim = dict(optim)
+        self.val = dict(val)
+        self._val_sums: dict[str, torch.Tensor] = {}
+        self._val_records: list[metrics.Record] = []
+        self.last_val: dict[str, dict] = {}  # mode -> summary (rank 0 view after the epoch)
+
+    # ------------------------------------------------------------------ optimizer
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        o = self.optim
+        params = self.trainable_parameters()
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": float(o.get("weight_decay", 0.0))},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=float(o["lr"]), betas=tuple(o.get("betas", (0.9, 0.95))), eps=float(o.get("eps", 1e-8)),
+        )
+        total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else 10**9
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(
+            o.get("schedule", "cosine"), int(o.get("warmup_steps", 0)), total, float(o.get("min_lr_ratio", 0.1))))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ validation
+    def val_modes(self) -> list[str]:
+        return list(self.val.get("modes", ["auto"]))
+
+    def validation_step(self, batch: list[dict], batch_idx: int) -> None:
+        for mode in self.val_modes():
+            records, _ = evaluate(
+                self.model, self.tokenizer, batch, fmt=self.val.get("fmt", "coldstart"), mode=mode,
+                max_new_tokens=int(self.val.get("max_new_tokens", 128)),
+                batch_size=int(self.val.get("batch_size", 128)), grade_workers=int(self.val.get("grade_workers", 2)),
+            )
+            sums = _sums(records, self.device)
+            self._val_sums[mode] = self._val_sums.get(mode, torch.zeros_like(sums)) + sums
+
+    def on_validation_epoch_end(self) -> None:
+        for k, mode in enumerate(self.val_modes()):
+            sums = self._val_sums.get(mode)
+            if sums is None:
+                continue
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")  # across ranks
+            summary = _summary_from_sums(sums)
+            self.last_val[mode] = summary
+            prefix = "val" if k == 0 else f"val_{mode}"
+            flat = metrics.flat(summary, prefix=prefix)
+            self.log_dict(flat, sync_dist=False, rank_zero_only=True)
+            if k == 0 and len(self.val_modes()) > 1:
+                self.log_dict(metrics.flat(summary, prefix=f"val_{mode}"), rank_zero_only=True)
+            log.info(f"[step {self.global_step}] validation (mode={mode}): " + _fmt(summary))
+        self._val_sums = {}
+
+    # ------------------------------------------------------------------ export
+    def export(self, directory: str | Path) -> Path:
+        """Write the trained model as a plain HF checkpoint (rank 0)."""
+        return hf.save(self.model, self.tokenizer, directory)
+
+
+# per-level sums: rows = levels 1..5 + "no level", cols = (n, on, correct, tokens)
+def _sums(records: list[metrics.Record], device) -> torch.Tensor:
+    t = torch.zeros(6, 4, dtype=torch.float64, device=device)
+    for r in records:
+        if r.correct is None:
+            continue
+        row = (r.level - 1) if r.level in (1, 2, 3, 4, 5) else 5
+        t[row] += torch.tensor([1.0, float(r.mode == "on"), float(bool(r.correct)), float(r.tokens)],
+                               dtype=torch.float64, device=device)
+    return t
+
+
+def _summary_from_sums(t: torch.Tensor) -> dict[str, dict]:
+    def block(v: torch.Tensor) -> dict:
+        n = float(v[0])
+        if n == 0:
+            return {"think_on_rate": 0.0, "acc": 0.0, "tokens_mean": 0.0, "n": 0}
+        return {"think_on_rate": float(v[1]) / n, "acc": float(v[2]) / n, "tokens_mean": float(v[3]) / n, "n": int(n)}
+
+    out = {f"level_{k + 1}": block(t[k]) for k in range(5) if t[k, 0] > 0}
+    out["all"] = block(t.sum(0))
+    return out
+
+
+def _fmt(summary: dict[str, dict]) -> str:
+    return "; ".join(f"{g}: on={m['think_on_rate']:.2f} acc={m['acc']:.2f} tok={m['tokens_mean']:.1f}"
+                     for g, m in summary.items())
+
+
+class Throughput(L.Callback):
+    """Logs ``perf/tokens_per_s`` (non-padding input tokens per second, all ranks) and, on GPU, ``perf/mfu``.
+
+    MFU = tokens/s × FLOPs per token / peak (DESIGN.md §6): FLOPs per token = 6·N + 6·L·d·T for the
+    trained model, plus 2·N_t + 2·L_t·d_t·T for a teacher forward (``module.teacher_flops_per_token``).
+    """
+
+    def __init__(self, peak_tflops: float = 989.0, log_every_n_steps: int = 10):
+        self.peak = peak_tflops * 1e12
+        self.every = log_every_n_steps
+        self._t0 = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._t0 is None or not isinstance(batch, dict) or "attention_mask" not in batch:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - self._t0
+        mask = batch["attention_mask"]
+        tokens = float(mask.sum()) * trainer.world_size
+        tps = tokens / max(dt, 1e-9)
+        out = {"perf/tokens_per_s": tps}
+        if torch.cuda.is_available():
+            cfg = pl_module.model.config
+            n = sum(p.numel() for p in pl_module.model.parameters())  # note: a sharded model reports local numel
+            T = mask.shape[1]
+            flops = 6 * n + 6 * cfg.num_hidden_layers * cfg.hidden_size * T
+            flops += getattr(pl_module, "teacher_flops_per_token", lambda T: 0)(T)
+            out["perf/mfu"] = tps * flops / (self.peak * trainer.world_size)
+        if trainer.global_step % self.every == 0:
+            pl_module.log_dict(out, rank_zero_only=True)
+
+
+def as_dict(x: Any) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(x, resolve=True) if OmegaConf.is_config(x) else dict(x or {})
