@@ -1,0 +1,263 @@
+"""kat.rewards.step_srpo: Step-SRPO judge/answer rewards and step credit, and the other algorithms' rules,
+each on a hand-built group."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kat.rewards import step_srpo as S
+
+EPS = 1e-6
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the judge rule
+# ----------------------------------------------------------------------------------------------------------------
+def test_preferred_mode_rules():
+    modes = ["on", "on", "on", "off", "off", "off"]
+    correct = [True, True, True, True, True, False]  # acc_on 1, acc_off 2/3
+    assert S.preferred_mode(modes, correct, margin=0.1) == ("on", 1.0, pytest.approx(2 / 3))
+    assert S.preferred_mode(modes, correct, margin=0.4)[0] == "off"  # within the margin: the cheaper mode wins
+    # a tie goes to think-off even with margin 0
+    assert S.preferred_mode(["on", "off"], [True, True], margin=0.0)[0] == "off"
+    assert S.preferred_mode(["on", "off"], [False, False], margin=0.0)[0] == "off"
+    # one mode sampled: the cold-start label decides; without a label nothing is preferred
+    assert S.preferred_mode(["on", "on"], [True, False], prior="off") == ("off", 0.5, None)
+    assert S.preferred_mode(["off", None], [True, False], prior="on") == ("on", None, 1.0)
+    assert S.preferred_mode(["on", "on"], [True, True], prior=None)[0] is None
+    assert S.preferred_mode([None, None], [False, False], prior="on") == (None, None, None)
+    with pytest.raises(ValueError, match="prior"):
+        S.preferred_mode(["on"], [True], prior="maybe")
+    with pytest.raises(ValueError, match=r"modes\[1\]"):
+        S.preferred_mode(["on", "auto"], [True, True])
+
+
+def _group():
+    # rollouts: on ✓, on ✓, on ✗, off ✓, off ✓, malformed (no mode)
+    modes = ["on", "on", "on", "off", "off", None]
+    scores = [1.0, 1.0, 0.0, 1.0, 1.0, 1.0]
+    wf = [True, True, True, True, True, False]
+    return modes, scores, wf
+
+
+@pytest.mark.parametrize(
+    "modulation,reward",
+    [
+        # acc_on 2/3, acc_off 1 -> off preferred; j = [−1, −1, −1, +1, +1, −1]; a = [1, 1, 0, 1, 1, −1]; w = 0.5
+        ("multiplicative", [0.5, 0.5, 0.0, 1.5, 1.5, -1.0]),  # a·(1 + w·j)
+        ("additive", [0.5, 0.5, -0.5, 1.5, 1.5, -1.0]),  # a + w·j
+        ("gated", [0.5, 0.5, 0.0, 1.0, 1.0, -1.0]),  # a, or (1 − w)·a in the wrong mode
+        ("none", [1.0, 1.0, 0.0, 1.0, 1.0, -1.0]),
+    ],
+)
+def test_step_srpo_group_rewards_hand_computed(modulation, reward):
+    cfg = S.StepSRPOConfig(judge_weight=0.5, modulation=modulation, margin=0.1, format_penalty=-1.0)
+    g = S.step_srpo_group_rewards(*_group(), prior="on", cfg=cfg)
+    assert g.preferred == "off" and g.acc_on == pytest.approx(2 / 3) and g.acc_off == 1.0
+    assert g.answer == (1.0, 1.0, 0.0, 1.0, 1.0, -1.0)
+    assert g.judge == (-1.0, -1.0, -1.0, 1.0, 1.0, -1.0)
+    assert g.correct == (True, True, False, True, True, False)
+    assert list(g.reward) == pytest.approx(reward)
+    assert not g.skipped
+
+
+def test_step_srpo_efficiency_term_hand_computed():
+    cfg = S.StepSRPOConfig(judge_weight=0.5, modulation="gated", efficiency_weight=0.5)
+    lengths = [10, 20, 5, 4, 8, 3]
+    g = S.step_srpo_group_rewards(*_group(), prior="on", lengths=lengths, cfg=cfg)
+    # correct rows 0, 1, 3, 4: mean length (10 + 20 + 4 + 8)/4 = 10.5; e = 1 − L/10.5 (clipped to [−1, 1])
+    e = [1 - 10 / 10.5, 1 - 20 / 10.5, 0.0, 1 - 4 / 10.5, 1 - 8 / 10.5, 0.0]
+    assert e[1] == pytest.approx(-0.9047619)
+    d = [-1.0, -1.0, -1.0, 1.0, 1.0, -1.0]
+    assert list(g.judge) == pytest.approx([dd + 0.5 * ee for dd, ee in zip(d, e)])
+    assert list(g.reward) == pytest.approx([0.5, 0.5, 0.0, 1.0, 1.0, -1.0])  # the gate reads the mode decision only
+    with pytest.raises(ValueError, match="lengths"):
+        S.step_srpo_group_rewards(*_group(), cfg=cfg)
+
+
+def test_step_srpo_one_mode_group_and_skips():
+    # all think-on, prior off: every rollout with a mode has j = −1, so its judge advantage will be 0
+    g = S.step_srpo_group_rewards(["on", "on", "on"], [1.0, 0.0, 1.0], [True] * 3, prior="off")
+    assert g.preferred == "off" and g.judge == (-1.0, -1.0, -1.0)
+    assert list(g.reward) == pytest.approx([0.5, 0.0, 0.5])
+    # no prior: undecided, j = 0, the modulation is neutral
+    g = S.step_srpo_group_rewards(["on", "on"], [1.0, 0.0], [True, True], prior=None)
+    assert g.judge == (0.0, 0.0) and g.reward == (1.0, 0.0)
+    # an ungradable rollout skips the group
+    g = S.step_srpo_group_rewards(["on", "off"], [1.0, None], [True, True])
+    assert g.skipped and g.reward == (0.0, 0.0) and g.judge == (0.0, 0.0)
+    # ... but a malformed rollout without a score is just malformed
+    g = S.step_srpo_group_rewards(["on", None], [1.0, None], [True, False])
+    assert not g.skipped and g.answer == (1.0, -1.0)
+
+
+def test_step_srpo_config_validation():
+    with pytest.raises(ValueError, match="modulation"):
+        S.StepSRPOConfig(modulation="power")
+    with pytest.raises(ValueError, match="scale"):
+        S.StepSRPOConfig(scale="global")
+    with pytest.raises(ValueError, match="judge_weight"):
+        S.StepSRPOConfig(judge_weight=-1)
+    with pytest.raises(ValueError, match="same length"):
+        S.step_srpo_group_rewards(["on"], [1.0, 0.0], [True, True])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# segments and step credit
+# ----------------------------------------------------------------------------------------------------------------
+def test_segment_ids_from_tokens_and_decision_mask():
+    ON, OFF = 7, 8
+    ids = torch.tensor([[3, 4, ON, 9, 9, 0], [3, 4, 5, 6, 0, 0], [OFF, 5, ON, 5, 5, 5]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    seg = S.segment_ids_from_tokens(ids, mask, [ON, OFF])
+    assert seg.tolist() == [[1, 1, 1, 2, 2, 0], [2, 2, 2, 2, 0, 0], [1, 2, 2, 2, 2, 2]]
+    assert S.decision_token_mask(seg).nonzero().tolist() == [[0, 2], [2, 0]]
+    bnd = S.segment_ids_from_boundaries(torch.tensor([3, 0, 1]), mask)
+    assert torch.equal(bnd, seg)
+
+
+def _hand_credit():
+    # G = 3. judge j = [1, −1, −1]: mean −1/3, Bessel std sqrt((16/9 + 4/9 + 4/9)/2) = sqrt(4/3)
+    sj = math.sqrt(4 / 3)
+    aj = [(4 / 3) / (sj + EPS), (-2 / 3) / (sj + EPS), (-2 / 3) / (sj + EPS)]
+    assert aj[0] == pytest.approx(1.1546995, abs=1e-6)
+    # answer r = [1.5, 0, 0.5]: mean 2/3, Bessel std sqrt((25/36 + 16/36 + 1/36)/2) = sqrt(7/12)
+    sa = math.sqrt(7 / 12)
+    aa = [(5 / 6) / (sa + EPS), (-2 / 3) / (sa + EPS), (-1 / 6) / (sa + EPS)]
+    assert aa[0] == pytest.approx(1.0910881, abs=1e-6)
+    seg = torch.tensor([[1, 1, 2, 2, 0], [1, 2, 2, 2, 2], [1, 1, 1, 2, 0]])
+    want = torch.tensor([
+        [aj[0], aj[0], aa[0], aa[0], 0.0],
+        [aj[1], aa[1], aa[1], aa[1], aa[1]],
+        [aj[2], aj[2], aj[2], aa[2], 0.0],
+    ])
+    return torch.tensor([1.0, -1.0, -1.0]), torch.tensor([1.5, 0.0, 0.5]), seg, want
+
+
+def test_step_credit_hand_computed():
+    j, a, seg, want = _hand_credit()
+    torch.testing.assert_close(S.step_credit_advantages(j, a, seg, 3), want, rtol=1e-6, atol=1e-6)
+    # the same from boundaries + response mask
+    got = S.step_credit_advantages(j, a, None, 3, boundaries=torch.tensor([2, 1, 3]), response_mask=seg > 0)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_step_credit_errors_and_degenerate():
+    j, a, seg, _ = _hand_credit()
+    with pytest.raises(ValueError, match="not both"):
+        S.step_credit_advantages(j, a, seg, 3, boundaries=torch.zeros(3), response_mask=seg > 0)
+    with pytest.raises(ValueError, match="boundaries"):
+        S.step_credit_advantages(j, a, None, 3)
+    with pytest.raises(ValueError, match="only 0"):
+        S.step_credit_advantages(j, a, seg + 1, 3)
+    with pytest.raises(ValueError, match="integer"):
+        S.step_credit_advantages(j, a, seg.float(), 3)
+    with pytest.raises(ValueError, match="judge_rewards"):
+        S.step_credit_advantages(j, a[:2], seg, 3)
+    assert torch.equal(S.step_credit_advantages(j, a, seg, 1), torch.zeros(3, 5))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the other algorithms' reward rules
+# ----------------------------------------------------------------------------------------------------------------
+def test_other_reward_rules_hand_built_group():
+    # GRPO: the score; malformed 0
+    assert S.grpo_rewards([1.0, 0.0, 0.5, 1.0], [True, True, True, False]) == [1.0, 0.0, 0.5, 0.0]
+    # DAPO: ±1 and the overlong penalty: L_max 10, L_cache 4 -> free up to 6, L = 8 -> −(8 − 6)/4 = −0.5
+    assert S.overlong_penalty(6, max_len=10, cache_len=4) == 0.0
+    assert S.overlong_penalty(10, max_len=10, cache_len=4) == -1.0
+    assert S.dapo_rewards([1.0, 0.0, 1.0, 1.0], [True, True, True, False], [4, 5, 8, 3], max_len=10, cache_len=4) \
+        == [1.0, -1.0, 0.5, -1.0]
+    assert S.dapo_rewards([1.0], [True], [9], max_len=12) == [1.0 - (9 - 9) / 3]  # cache defaults to 12 // 4
+    with pytest.raises(ValueError, match="cache_len"):
+        S.overlong_penalty(3, max_len=4, cache_len=5)
+    # AdaptThink: acc − ref + δ·[off]
+    assert S.adaptthink_rewards(["off", "on", "off", None], [1.0, 1.0, 0.0, 1.0], [True, True, True, False],
+                                ref_acc=0.5, delta=0.05) == pytest.approx([0.55, 0.5, -0.45, -0.5])
+    # Thinkless: off ✓ 1, on ✓ 0.5, wrong/malformed −1; the reproduction's 0.8
+    assert S.thinkless_rewards(["off", "on", "on", None], [1.0, 1.0, 0.0, 1.0], [True, True, True, False]) \
+        == [1.0, 0.5, -1.0, -1.0]
+    assert S.thinkless_rewards(["on"], [1.0], [True], think_correct=0.8) == [0.8]
+    # ungradable -> None in every rule
+    assert S.dapo_rewards([None], [True]) == [None]
+    assert S.adaptthink_rewards(["on"], [None], [True], ref_acc=0.0) == [None]
+
+
+def _batch(modes, scores, wf, lengths, G, **kw):
+    T = max(lengths) + 1
+    seg = torch.zeros(len(modes), T, dtype=torch.long)
+    for i, (n, md) in enumerate(zip(lengths, modes)):
+        seg[i, :n] = 2
+        if md is not None:
+            seg[i, :2] = 1  # judge token + mode token
+    return S.RolloutBatch(group_size=G, modes=modes, scores=scores, well_formed=wf, segment_ids=seg, **kw)
+
+
+def test_assign_credit_grpo_dapo_adaptthink_thinkless():
+    # GRPO: r = [1, 0, 0.5, 0]; mean 0.375, Bessel std sqrt(0.6875/3)
+    b = _batch(["on", "off", "on", None], [1.0, 0.0, 0.5, 1.0], [True, True, True, False], [4, 5, 8, 3], 4)
+    c = S.assign_credit("grpo", b)
+    s = math.sqrt(0.6875 / 3)
+    adv = torch.tensor([0.625, -0.375, 0.125, -0.375]) / (s + EPS)
+    torch.testing.assert_close(c.advantages, adv[:, None] * (b.segment_ids > 0).float())
+    assert c.reward.tolist() == [1.0, 0.0, 0.5, 0.0] and c.judge_reward is None and c.decision_mask is None
+    # DAPO with the overlong penalty from the segment lengths [4, 5, 8, 3]; score 0.5 is not correct:
+    # r = [1, −1, −1 − (8 − 6)/4 = −1.5, −1]
+    c = S.assign_credit("dapo", b, overlong_max_len=10, overlong_cache_len=4)
+    assert c.reward.tolist() == pytest.approx([1.0, -1.0, -1.5, -1.0])
+    torch.testing.assert_close(c.advantages[:, 0], S.group_advantages(c.reward, 4))
+    assert c.correct.tolist() == [True, False, False, False]
+    # AdaptThink: A = r, no group normalisation; needs the reference accuracy
+    ba = _batch(["off", "on", "off"], [1.0, 1.0, 0.0], [True] * 3, [2, 6, 3], 3, ref_acc=[0.5])
+    c = S.assign_credit("adaptthink", ba)
+    torch.testing.assert_close(c.advantages[:, 0], torch.tensor([0.55, 0.5, -0.45]))
+    assert torch.equal(c.advantages[0, 2:], torch.zeros(5))
+    with pytest.raises(ValueError, match="ref_acc"):
+        S.assign_credit("adaptthink", b)
+    # Thinkless: r = [1, 0.5, −1, −1], A = r − mean (−0.125); the mode token is the decision token
+    bt = _batch(["off", "on", "on", None], [1.0, 1.0, 0.0, 1.0], [True, True, True, False], [3, 6, 6, 4], 4)
+    c = S.assign_credit("thinkless", bt)
+    torch.testing.assert_close(c.advantages[:, 0], torch.tensor([1.125, 0.625, -0.875, -0.875]))
+    assert c.decision_mask.nonzero().tolist() == [[0, 1], [1, 1], [2, 1]] and c.decision_weight == 1e-3
+
+
+def test_assign_credit_step_srpo_matches_its_parts_and_skips():
+    modes, scores, wf = _group()
+    g2 = (["on", "off", "off", "on", "on", "off"], [1.0, 1.0, None, 1.0, 0.0, 1.0], [True] * 6)  # ungradable
+    b = _batch(modes + g2[0], scores + g2[1], wf + g2[2], [5, 7, 6, 3, 2, 4] * 2, 6, priors=["on", "off"])
+    cfg = S.StepSRPOConfig(judge_weight=0.5)
+    c = S.assign_credit("step_srpo", b, cfg)
+    grp = S.step_srpo_group_rewards(*_group(), prior="on", lengths=b.lengths()[:6], cfg=cfg)
+    assert c.reward[:6].tolist() == pytest.approx(list(grp.reward))
+    assert c.judge_reward[:6].tolist() == pytest.approx(list(grp.judge))
+    want = S.step_credit_advantages(c.judge_reward[:6], c.reward[:6], b.segment_ids[:6], 6)
+    torch.testing.assert_close(c.advantages[:6], want)
+    # group 2 is skipped: zero rewards and advantages, flagged
+    assert c.skipped.tolist() == [False, True]
+    assert torch.equal(c.advantages[6:], torch.zeros(6, b.segment_ids.shape[1]))
+    assert torch.equal(c.reward[6:], torch.zeros(6))
+    # the judge advantage sits on segment 1 only
+    assert torch.equal(c.advantages[0, :2], c.advantages[1, :2])
+    # overrides, decision weight, errors
+    c = S.assign_credit("step_srpo", b, judge_weight=0.0, decision_weight=0.2)
+    assert c.reward[:6].tolist() == pytest.approx([1.0, 1.0, 0.0, 1.0, 1.0, -1.0])
+    assert torch.equal(c.decision_mask, b.segment_ids == 1) and c.decision_weight == 0.2
+    with pytest.raises(ValueError, match="algorithm"):
+        S.assign_credit("ppo", b)
+    with pytest.raises(TypeError, match="StepSRPOConfig"):
+        S.assign_credit("step_srpo", b, S.GRPOConfig())
+
+
+def test_rollout_batch_validation_and_forced_token():
+    seg = torch.ones(4, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        S.RolloutBatch(3, ["on"] * 4, [1.0] * 4, [True] * 4, seg)
+    with pytest.raises(ValueError, match="priors"):
+        S.RolloutBatch(2, ["on"] * 4, [1.0] * 4, [True] * 4, seg, priors=["on"])
+    with pytest.raises(ValueError, match="segment_ids"):
+        S.RolloutBatch(2, ["on"] * 4, [1.0] * 4, [True] * 4, seg[:3])
+    old = torch.tensor([[-0.1, -2.0], [-0.3, -0.4]])
+    out = S.forced_token_old_logp(old, torch.tensor([[True, False], [False, True]]))
+    torch.testing.assert_close(out, torch.tensor([[math.log(0.5), -2.0], [-0.3, math.log(0.5)]]))
