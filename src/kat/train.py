@@ -34,8 +34,8 @@ def train(cfg: DictConfig) -> float | None:
     datamodule = KatDataModule(cfg.data, tokenizer, stage=cfg.stage.get("data_stage", stage), seed=cfg.seed)
     module = get_class(cfg.stage.module._target_).from_config(cfg, model, tokenizer)
 
-    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
     loggers = build_loggers(cfg, stage)
+    callbacks = build_callbacks(cfg, has_logger=bool(loggers))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers,
                                      strategy=build_strategy(cfg.strategy))
     for lg in loggers:
@@ -63,6 +63,19 @@ def require_stage(cfg: DictConfig) -> str:
     if stage is None or stage.get("name") not in STAGES:
         raise SystemExit(f"choose a stage: python -m kat.train +stage=<{'|'.join(STAGES)}> [overrides]")
     return stage.name
+
+
+def build_callbacks(cfg: DictConfig, *, has_logger: bool) -> list:
+    """The ``callbacks`` group; callbacks that need a logger are left out (with a note) under ``logger=none``."""
+    out = []
+    for name, c in (cfg.callbacks or {}).items():
+        if c is None:
+            continue
+        if not has_logger and c.get("_target_", "").endswith("LearningRateMonitor"):
+            log.info(f"callbacks.{name}: skipped (no logger)")
+            continue
+        out.append(instantiate(c))
+    return out
 
 
 def build_strategy(cfg: DictConfig):
