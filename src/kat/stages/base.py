@@ -51,6 +51,10 @@ class KatStage(L.LightningModule):
         self._val_records: list[metrics.Record] = []
         self.last_val: dict[str, dict] = {}  # mode -> summary (rank 0 view after the epoch)
 
+    def on_fit_start(self) -> None:
+        # from_pretrained returns eval mode; training needs train mode (dropout, if the model has any)
+        self.model.train()
+
     # ------------------------------------------------------------------ optimizer
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
@@ -164,13 +168,20 @@ class Throughput(L.Callback):
         out = {"perf/tokens_per_s": tps}
         if torch.cuda.is_available():
             cfg = pl_module.model.config
-            n = sum(p.numel() for p in pl_module.model.parameters())  # note: a sharded model reports local numel
+            # N = trained parameters (model + MTP heads; frozen teacher/reference excluded).
+            # Under FSDP each rank holds a shard: count the full sizes.
+            n = sum(_full_numel(p) for p in pl_module.trainable_parameters())
             T = mask.shape[1]
             flops = 6 * n + 6 * cfg.num_hidden_layers * cfg.hidden_size * T
             flops += getattr(pl_module, "teacher_flops_per_token", lambda T: 0)(T)
             out["perf/mfu"] = tps * flops / (self.peak * trainer.world_size)
         if trainer.global_step % self.every == 0:
             pl_module.log_dict(out, rank_zero_only=True)
+
+
+def _full_numel(p: torch.Tensor) -> int:
+    """Parameter count of ``p``, unsharded (DTensor shards report their global shape)."""
+    return int(torch.Size(p.shape).numel())
 
 
 def as_dict(x: Any) -> dict:
