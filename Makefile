@@ -29,7 +29,7 @@ train: $(STAMP)  ## the whole recipe on the embedded default (teacher → distil
 	$(PY) -m kat.pipeline
 
 reproduce: $(STAMP)  ## the same recipe, bigger (longer; the numbers in docs/rl.md)
-	$(PY) -m kat.pipeline pipeline=reproduce
+	$(PY) -m kat.pipeline recipe=reproduce
 
 test: $(STAMP)  ## fast test tier (everything not marked slow; gpu tests skip without CUDA)
 	$(PY) -m pytest -q -m "not slow"

@@ -212,23 +212,25 @@ def _policy_row_kernel(
     loss_tok = pg
     dloss = dpg
     if KL_EST != 0:
-        x = logp - tl.load(ref_ptr + row).to(tl.float32)
+        # d = log π − log π_ref (a scalar; named apart from the block-valued x of the loops: the compiler
+        # refuses a name that changes from scalar to block inside a later loop)
+        d = logp - tl.load(ref_ptr + row).to(tl.float32)
         if KL_EST == 1:
-            kl = x
+            kl = d
             dkl = 1.0
         elif KL_EST == 2:
-            kl = 0.5 * x * x
-            dkl = x
+            kl = 0.5 * d * d
+            dkl = d
         else:
-            xc = tl.minimum(tl.maximum(x, -20.0), 20.0)
+            xc = tl.minimum(tl.maximum(d, -20.0), 20.0)
             ex = tl.exp(-xc)
             raw = ex - 1.0 + xc
             kl = tl.minimum(tl.maximum(raw, -10.0), 10.0)
             if KL_EST == 3:
-                inside = (x >= -20.0) & (x <= 20.0) & (raw >= -10.0) & (raw <= 10.0)
+                inside = (d >= -20.0) & (d <= 20.0) & (raw >= -10.0) & (raw <= 10.0)
                 dkl = tl.where(inside, 1.0 - ex, 0.0)
             else:  # k3+: k3 value, k2 gradient
-                dkl = x
+                dkl = d
         loss_tok = loss_tok + kl_coef * kl
         dloss = dloss + kl_coef * dkl
     tl.store(loss_ptr + row, tl.where(active, w * loss_tok, 0.0))

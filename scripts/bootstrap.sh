@@ -39,9 +39,9 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   fi
 fi
 
-echo "[bootstrap] installing kat (editable) with the dev extra"
+echo "[bootstrap] installing kat (editable) with the dev and sweeps extras"
 "${PIP[@]}" install -q setuptools wheel
-"${PIP[@]}" install -q --no-build-isolation -e ".[dev]"
+"${PIP[@]}" install -q --no-build-isolation -e ".[dev,sweeps]"
 
 # The code-reward sandbox uses bubblewrap; install it where we can (Debian/Ubuntu as root).
 if ! command -v bwrap >/dev/null 2>&1; then

@@ -9,6 +9,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+# Triton decides interpreter-vs-compiled when a kernel is *decorated* (module import), so the flag must be set before
+# any test module (or kat code they import) pulls in kat_kernels. Without CUDA the kernels only run interpreted.
+if os.environ.get("TRITON_INTERPRET") is None:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 
 from kat_testing import CONF  # noqa: E402
 

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from kat_testing import CONF
 
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("local", "recipe", "upscale", "eval", "__pycache__"))
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("local", "recipe", "upscale", "eval", "synth", "__pycache__"))
 
 
 def _options(group: str) -> list[str]:

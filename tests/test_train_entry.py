@@ -81,3 +81,12 @@ def test_pipeline_smoke(tmp_path, mlflow_uri):
     children = runs[runs["tags.mlflow.parentRunId"] == parent.iloc[0]["run_id"]]
     assert len(children) >= 2  # one per training step
     assert "metrics.train/loss" in children.columns and children["metrics.train/loss"].notna().all()
+    # both labelling steps ran; the later one (synth) fed coldstart and rl
+    out = tmp_path / "p"
+    report = json.loads((out / "pipeline_report.json").read_text())
+    assert report["steps"] == ["teacher", "vote", "synth", "distill", "coldstart", "rl", "eval"]
+    assert report["labels"] == "synth" and set(summary) == {"before_rl", "after_rl"}
+    assert (out / "vote" / "train.jsonl").exists() and (out / "synth" / "out" / "coldstart.jsonl").exists()
+    for step in ("coldstart", "rl"):
+        assert f"data.path={out / 'synth' / 'out' / 'coldstart.jsonl'}" in (out / step / "command.txt").read_text()
+    assert "metrics.synth/off_share" in parent.columns and "metrics.vote/off_share" in parent.columns

@@ -72,7 +72,10 @@ def main() -> int:
         ("kat Triton kernel", lambda: K.group_advantages(r, G)),
         ("kat Triton kernel, scale=batch", lambda: K.group_advantages(r, G, scale="batch")),
     ]:
-        rows.append(("group advantages", shape, name, _time_ms(fn), None))
+        try:
+            rows.append(("group advantages", shape, name, _time_ms(fn), None))
+        except Exception as exc:  # noqa: BLE001 - one failing case must not hide the others
+            rows.append(("group advantages", shape, f"{name}: {type(exc).__name__}: {exc}"[:120], float("nan"), None))
 
     # ---- Step-SRPO credit assignment --------------------------------------------------------------------------
     T = 2048
@@ -89,7 +92,10 @@ def main() -> int:
         ("kat Triton kernel (boundaries + mask)",
          lambda: K.step_credit_advantages(j, a, None, G, boundaries=bnd, response_mask=mask)),
     ]:
-        rows.append(("step credit", shape, name, _time_ms(fn), None))
+        try:
+            rows.append(("step credit", shape, name, _time_ms(fn), None))
+        except Exception as exc:  # noqa: BLE001 - one failing case must not hide the others
+            rows.append(("step credit", shape, f"{name}: {type(exc).__name__}: {exc}"[:120], float("nan"), None))
     del seg, mask
 
     # ---- policy loss from hidden states, fwd + bwd -------------------------------------------------------------

@@ -65,6 +65,13 @@ def measure(fn, leaves, reps: int, warmup: int) -> tuple[str, str]:
         clear()
         torch.cuda.empty_cache()
         return "OOM", "OOM"
+    except Exception as exc:  # noqa: BLE001 - one failing case (a compile error, say) must not hide the others
+        import traceback
+
+        traceback.print_exc()
+        clear()
+        torch.cuda.empty_cache()
+        return f"error: {type(exc).__name__}: {exc}"[:100], "–"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from kat_kernels import uld as K  # after the CUDA check: importing triton needs no GPU, launching does
 
+    try:  # the bounded-memory torch form (kat itself; the other eager case above is standalone)
+        from kat.losses.uld import uld_loss_chunked
+    except ImportError:
+        def uld_loss_chunked(s, t):
+            raise RuntimeError("kat is not importable here")
+
     try:
         from liger_kernel.transformers import LigerFusedLinearJSD
     except Exception:  # noqa: BLE001 - any import failure means "not available"
@@ -110,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                   args.warmup)))
         rows.append(("kat_kernels.uld.uld_loss", label, *measure(lambda: K.uld_loss(s, t), [s], args.reps,
                                                                  args.warmup)))
+        rows.append(("torch chunked (kat.losses.uld.uld_loss_chunked)", label,
+                     *measure(lambda: uld_loss_chunked(s, t), [s], args.reps, args.warmup)))
         del s
         h = (torch.randn(n, hid, device=dev, generator=g)).to(dtype).requires_grad_(True)
         w = (torch.randn(v, hid, device=dev, generator=g) * hid ** -0.5 * args.scale).to(dtype)
@@ -133,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             th = torch.randn(n, hid, device=dev, generator=g).to(dtype)
             tw = (torch.randn(v, hid, device=dev, generator=g) * hid ** -0.5 * args.scale).to(dtype)
             rows.append(("Liger fused-linear JSD", flabel,
-                         *measure(lambda: jsd(h, w, th, tw), [h, w], args.reps, args.warmup)))
+                         *measure(lambda: jsd(h, w, th, tw, None), [h, w], args.reps, args.warmup)))  # shift_labels=None: all rows
             del th, tw
         else:
             rows.append(("Liger fused-linear JSD", flabel, "n/a", "n/a"))

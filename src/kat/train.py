@@ -34,21 +34,22 @@ def train(cfg: DictConfig) -> float | None:
     datamodule = KatDataModule(cfg.data, tokenizer, stage=cfg.stage.get("data_stage", stage), seed=cfg.seed)
     module = get_class(cfg.stage.module._target_).from_config(cfg, model, tokenizer)
 
-    loggers = build_loggers(cfg, stage)
-    callbacks = build_callbacks(cfg, has_logger=bool(loggers))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers,
-                                     strategy=build_strategy(cfg.strategy))
-    for lg in loggers:
-        lg.log_hyperparams(tracking.params_from_config(cfg))
-
     ckpt = resolve_ckpt_path(cfg)
-    if ckpt:
+    loggers = build_loggers(cfg, stage, resuming=ckpt is not None)
+    callbacks = build_callbacks(cfg, has_logger=bool(loggers))
+    strategy = build_strategy(cfg.strategy)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, strategy=strategy,
+                                     plugins=build_plugins(strategy))
+    if ckpt is None:
+        for lg in loggers:
+            lg.log_hyperparams(tracking.params_from_config(cfg))
+    else:
         log.info(f"Resuming from {ckpt}")
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
 
     final = Path(cfg.paths.ckpt_dir) / "final"
+    module.export(final)  # every rank (a sharded model is gathered); rank 0 writes
     if trainer.is_global_zero:
-        module.export(final)
         log.info(f"final checkpoint: {final}")
         for lg in loggers:
             if isinstance(lg, L.pytorch.loggers.MLFlowLogger) and cfg.logger.mlflow.get("log_checkpoint", True):
@@ -85,33 +86,58 @@ def build_strategy(cfg: DictConfig):
     return cfg.name
 
 
-def build_loggers(cfg: DictConfig, stage: str) -> list:
-    """MLflow (default) and/or CSV loggers from the ``logger`` group."""
+def build_plugins(strategy) -> list:
+    """Atomic single-file checkpoints (the FSDP strategy writes its sharded ones atomically itself)."""
+    from kat.stages.fsdp import AtomicCheckpointIO, KatFSDPStrategy
+
+    return [] if isinstance(strategy, KatFSDPStrategy) else [AtomicCheckpointIO()]
+
+
+RUN_ID_FILE = "mlflow_run_id"
+
+
+def build_loggers(cfg: DictConfig, stage: str, *, resuming: bool = False) -> list:
+    """MLflow (default) and/or CSV loggers from the ``logger`` group.
+
+    The MLflow run id is kept in ``<output_dir>/mlflow_run_id``: a resumed run continues the same run.
+    """
     out = []
     lcfg = cfg.get("logger") or {}
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     if lcfg.get("mlflow"):
         m = lcfg.mlflow
-        out.append(tracking.mlflow_logger(
+        id_file = Path(cfg.paths.output_dir) / RUN_ID_FILE
+        run_id = m.get("run_id") or (id_file.read_text().strip() if resuming and id_file.exists() else None)
+        logger = tracking.mlflow_logger(
             experiment_name=m.experiment_name, stage=stage, tracking_uri_=m.get("tracking_uri"),
             artifact_location_=m.get("artifact_location"), run_name_=m.get("run_name"), overrides=overrides,
-            run_id=m.get("run_id")))
+            run_id=run_id)
+        if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
+            id_file.parent.mkdir(parents=True, exist_ok=True)
+            id_file.write_text(logger.run_id + "\n")
+        out.append(logger)
     if lcfg.get("csv"):
         out.append(instantiate(lcfg.csv))
     return out
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    """``ckpt_path``: null (fresh), ``last`` (the last checkpoint of this output dir), or a path."""
+    """``ckpt_path``: ``auto`` (resume from this output dir's last checkpoint when there is one),
+    ``last`` (the same, warning when there is none), null (always fresh), or a checkpoint path.
+
+    An interrupted swap of atomic checkpoints can leave only ``last.ckpt.old``: it is used then.
+    """
     ckpt = cfg.get("ckpt_path")
     if not ckpt:
         return None
-    if ckpt == "last":
-        last = Path(cfg.paths.ckpt_dir) / "last.ckpt"
-        if not last.exists():
-            log.warning(f"ckpt_path=last but no {last}: starting fresh")
-            return None
-        return str(last)
+    if ckpt in ("auto", "last"):
+        base = Path(cfg.paths.ckpt_dir)
+        for cand in (base / "last.ckpt", base / "last.ckpt.old"):
+            if cand.exists():
+                return str(cand)
+        if ckpt == "last":
+            log.warning(f"ckpt_path=last but no {base / 'last.ckpt'}: starting fresh")
+        return None
     if not Path(ckpt).exists():
         raise FileNotFoundError(f"ckpt_path={ckpt!r} does not exist")
     return str(ckpt)

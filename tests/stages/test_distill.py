@@ -233,6 +233,14 @@ def test_uld_implementation_choice(monkeypatch):
         resolve_uld("triton", torch.device("cpu"), topk=False)
     with pytest.raises(ValueError, match="loss.impl"):
         resolve_uld("fast", torch.device("cpu"), topk=False)
+    from kat.losses.uld import uld_loss_chunked
+
+    fn, name = resolve_uld("chunked", torch.device("cpu"), topk=False)
+    assert fn is uld_loss_chunked and "chunked" in name
+    # auto on CUDA: the chunked form for full logits (no CUDA needed to resolve the choice)
+    assert resolve_uld("auto", torch.device("cuda"), topk=False)[0] is uld_loss_chunked
+    with pytest.raises(RuntimeError, match="top-k"):
+        resolve_uld("chunked", torch.device("cpu"), topk=True)
 
 
 def test_bad_loss_settings_are_errors(char_tokenizer):

@@ -25,10 +25,10 @@ from typing import Any, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from kat.data import mix as mixing
-from kat.data import schema, synthetic, templates
+from kat.data import directives, schema, synthetic, templates
 from kat.models.tokenizer import render_prompt
 from kat.utils import get_logger
 
@@ -181,7 +181,10 @@ class ListDataset(Dataset):
 
 
 def pad_collate(pad_id: int):
-    """Right-pad ``input_ids`` (with ``pad_id``) and ``labels`` (with -100); build the attention mask."""
+    """Right-pad ``input_ids`` (with ``pad_id``) and ``labels`` (with -100); build the attention mask.
+
+    When every example carries its ``mode``, the batch also holds ``mode_on`` (B,) bool.
+    """
 
     def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
         n = max(len(b["input_ids"]) for b in batch)
@@ -193,13 +196,41 @@ def pad_collate(pad_id: int):
             ids[i, :k] = torch.tensor(b["input_ids"])
             labels[i, :k] = torch.tensor(b["labels"])
             mask[i, :k] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        if all("mode" in b for b in batch):  # per-example mode (teacher=dual picks its teacher by it)
+            out["mode_on"] = torch.tensor([b["mode"] == "on" for b in batch], dtype=torch.bool)  # (B,)
+        return out
 
     return collate
 
 
 def list_collate(batch: list[dict]) -> list[dict]:
     return batch
+
+
+class ResumableSampler(DistributedSampler):
+    """Seeded per-epoch shuffle, sharded over data-parallel ranks, that can start mid-epoch.
+
+    ``resume_at(epoch, skip)`` makes the next iteration of ``epoch`` skip its first ``skip`` samples
+    (per rank), so a run restored from a checkpoint sees exactly the batches an uninterrupted run
+    would. Being a DistributedSampler, Lightning keeps it (and calls ``set_epoch``) instead of
+    inserting its own.
+    """
+
+    def __init__(self, dataset, *, num_replicas: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self._resume: tuple[int, int] | None = None
+
+    def resume_at(self, epoch: int, skip: int) -> None:
+        self.set_epoch(epoch)
+        self._resume = (epoch, skip) if skip > 0 else None
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        if self._resume is not None and self._resume[0] == self.epoch:
+            indices = indices[self._resume[1]:]
+            self._resume = None
+        return iter(indices)
 
 
 class KatDataModule(L.LightningDataModule):
@@ -216,6 +247,10 @@ class KatDataModule(L.LightningDataModule):
         if self.splits is not None:
             return
         self.splits = load_splits(self.cfg, self.stage, self.seed)
+        # user-guided mode switching (kat.data.directives): a no-op unless data.directives lists this stage
+        self.splits.train = directives.for_training(
+            self.splits.train, self.cfg.get("directives"), stage=self.stage, template=self.template,
+            modes=self.cfg.get("modes", "label"), seed=self.seed, tokenizer=self.tokenizer)
         if self.template == "prompt":
             self.train_set = ListDataset(self.splits.train)
         else:
@@ -233,12 +268,22 @@ class KatDataModule(L.LightningDataModule):
         return self.splits.val if not n else self.splits.val[: int(n)]
 
     def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed)
         collate = list_collate if self.template == "prompt" else pad_collate(self.tokenizer.pad_token_id)
         bs = int(self.cfg.batch_size)
-        if len(self.train_set) < bs:
-            raise ValueError(f"data.batch_size={bs} is larger than the training set ({len(self.train_set)} examples)")
-        return DataLoader(self.train_set, batch_size=bs, shuffle=True, generator=g, collate_fn=collate,
+        trainer = self.trainer  # None outside a Trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        if len(self.train_set) < bs * replicas:
+            raise ValueError(f"data.batch_size={bs} x {replicas} rank(s) is larger than the training set "
+                             f"({len(self.train_set)} examples)")
+        sampler = ResumableSampler(self.train_set, num_replicas=replicas, rank=rank, seed=self.seed)
+        if trainer is not None and trainer.lightning_module is not None:  # resume mid-epoch
+            consumed = trainer.lightning_module.batches_consumed()
+            per_epoch = len(sampler) // bs
+            if consumed:
+                epoch, skip = divmod(consumed, per_epoch)
+                sampler.resume_at(epoch, skip * bs)
+                log.info(f"data: resuming at epoch {epoch}, batch {skip} of {per_epoch}", rank_all=False)
+        return DataLoader(self.train_set, batch_size=bs, sampler=sampler, collate_fn=collate,
                           num_workers=int(self.cfg.get("num_workers", 0)), drop_last=True)
 
     def val_dataloader(self) -> DataLoader:

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["uld_loss", "uld_loss_topk", "uld_topk_bounds", "uld_topk_lower_bound", "uld_topk_upper_bound"]
+__all__ = ["uld_loss", "uld_loss_chunked", "uld_loss_topk", "uld_topk_bounds", "uld_topk_lower_bound", "uld_topk_upper_bound"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -62,6 +62,18 @@ def _check_logits(name: str, x: torch.Tensor) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
     if x.shape[1] == 0:
         raise ValueError(f"{name} must have a non-empty vocabulary dimension, got {tuple(x.shape)}")
+
+
+def _check_pair(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
+    """Both (N, V) float logits with the same N on the same device."""
+    _check_logits("student_logits", student_logits)
+    _check_logits("teacher_logits", teacher_logits)
+    if student_logits.shape[0] != teacher_logits.shape[0]:
+        raise ValueError(f"student_logits and teacher_logits must have the same number of rows, got "
+                         f"{student_logits.shape[0]} and {teacher_logits.shape[0]}")
+    if student_logits.device != teacher_logits.device:
+        raise ValueError(f"student_logits is on {student_logits.device} but teacher_logits is on "
+                         f"{teacher_logits.device}")
 
 
 def _check_mask(mask: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
@@ -125,14 +137,7 @@ def uld_loss(
     Returns:
         fp32 loss: a scalar, or (N,) for ``reduction="none"``.
     """
-    _check_logits("student_logits", student_logits)
-    _check_logits("teacher_logits", teacher_logits)
-    if student_logits.shape[0] != teacher_logits.shape[0]:
-        raise ValueError(f"student_logits and teacher_logits must have the same number of rows, got "
-                         f"{student_logits.shape[0]} and {teacher_logits.shape[0]}")
-    if student_logits.device != teacher_logits.device:
-        raise ValueError(f"student_logits is on {student_logits.device} but teacher_logits is on "
-                         f"{teacher_logits.device}")
+    _check_pair(student_logits, teacher_logits)
     tau_s = _check_temperature("student_temperature", student_temperature)
     tau_t = _check_temperature("teacher_temperature", teacher_temperature)
     _check_reduction(reduction)
@@ -145,6 +150,69 @@ def uld_loss(
     sorted_s = torch.sort(_pad_to(p_s, width), dim=-1, descending=True).values  # (N, V)
     sorted_t = torch.sort(_pad_to(p_t, width), dim=-1, descending=True).values  # (N, V)
     per_row = (sorted_s - sorted_t).abs().sum(dim=-1)  # (N,)
+    return _reduce(per_row, mask, reduction)
+
+
+class _ChunkedULD(torch.autograd.Function):
+    """Per-row exact ULD, computed ``chunk`` rows at a time; the gradient is formed in forward (per chunk) and
+    kept in the student logits' dtype, so peak extra memory is a few (chunk, V) fp32 buffers plus that gradient."""
+
+    @staticmethod
+    def forward(ctx, s: torch.Tensor, t: torch.Tensor, tau_s: float, tau_t: float, chunk: int) -> torch.Tensor:
+        n, v_s = s.shape
+        width = max(v_s, t.shape[1])
+        per_row = torch.empty(n, dtype=torch.float32, device=s.device)  # (N,)
+        grad = torch.empty_like(s) if ctx.needs_input_grad[0] else None  # (N, V_S): ∂ per_row / ∂ s
+        for a in range(0, n, chunk):
+            b = min(n, a + chunk)
+            p_s = torch.softmax(s[a:b].float() / tau_s, dim=-1)  # (c, V_S)
+            p_t = torch.softmax(t[a:b].float() / tau_t, dim=-1)  # (c, V_T)
+            sorted_s, idx = torch.sort(_pad_to(p_s, width), dim=-1, descending=True)  # (c, V), (c, V)
+            diff = sorted_s - torch.sort(_pad_to(p_t, width), dim=-1, descending=True).values  # (c, V)
+            del p_t, sorted_s
+            per_row[a:b] = diff.abs().sum(dim=-1)
+            if grad is not None:
+                # ∂/∂p_s[i] = sign(diff at the rank of i) (sign(0) = 0, as torch.abs); padded columns dropped
+                g_p = torch.zeros_like(diff).scatter_(-1, idx, torch.sign(diff))[:, :v_s]  # (c, V_S)
+                del diff, idx
+                # softmax backward: ∂/∂s = p ⊙ (g − Σ p g) / τ_S
+                g_p -= (p_s * g_p).sum(dim=-1, keepdim=True)
+                grad[a:b] = (p_s * g_p / tau_s).to(grad.dtype)
+        if grad is not None:
+            ctx.save_for_backward(grad)
+        return per_row
+
+    @staticmethod
+    def backward(ctx, grad_rows: torch.Tensor):  # grad_rows: (N,)
+        (grad,) = ctx.saved_tensors
+        return grad * grad_rows.to(grad.dtype)[:, None], None, None, None, None
+
+
+def uld_loss_chunked(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    student_temperature: float = 1.0,
+    teacher_temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    chunk_rows: int = 1024,
+) -> torch.Tensor:
+    """Exact ULD like :func:`uld_loss` (same arguments and result), in bounded memory.
+
+    :func:`uld_loss` keeps every (N, V) fp32 softmax, sort and index tensor alive for autograd (≈ 30 GiB at
+    4096 × 151,936). This version processes ``chunk_rows`` rows at a time and computes the gradient during
+    the forward pass, keeping only that gradient (N, V_S) in the student logits' dtype. Same sorts, same
+    subgradient at ties; the gradient is stored in the logits' dtype (bf16 logits give a bf16 gradient).
+    """
+    _check_pair(student_logits, teacher_logits)
+    if int(chunk_rows) < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    tau_s = _check_temperature("student_temperature", student_temperature)
+    tau_t = _check_temperature("teacher_temperature", teacher_temperature)
+    _check_reduction(reduction)
+    mask = _check_mask(mask, student_logits.shape[0], student_logits.device)
+    per_row = _ChunkedULD.apply(student_logits, teacher_logits.detach(), tau_s, tau_t, int(chunk_rows))  # (N,)
     return _reduce(per_row, mask, reduction)
 
 

@@ -12,6 +12,7 @@ stage, plain transformers and vLLM load them.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,10 @@ def _get(cfg: Any, key: str, default=None):
     return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
 
 
+# tokenizer_class values that name no model-specific tokenizer: load tokenizer.json with the generic fast class.
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
 def load_tokenizer(model_cfg: Any):
     """The tokenizer for ``model_cfg``: from ``model.path`` when set, else the embedded char tokenizer."""
     path = _get(model_cfg, "path")
@@ -47,7 +52,17 @@ def load_tokenizer(model_cfg: Any):
         from transformers import AutoTokenizer
 
         _check_dir(path)
-        tok = AutoTokenizer.from_pretrained(path)
+        tok_cfg = Path(path) / "tokenizer_config.json"
+        cls = json.loads(tok_cfg.read_text()).get("tokenizer_class") if tok_cfg.exists() else None
+        if cls in GENERIC_TOKENIZER_CLASSES:
+            # A tokenizer saved from a bare tokenizers.Tokenizer (kat's char tokenizer) says only "TokenizersBackend";
+            # AutoTokenizer then falls back to the class of config.json's model type (Qwen2Tokenizer), whose
+            # byte-level pre-tokenizer silently drops spaces and newlines. Load the saved tokenizer.json as it is.
+            from transformers import PreTrainedTokenizerFast
+
+            tok = PreTrainedTokenizerFast.from_pretrained(path)
+        else:
+            tok = AutoTokenizer.from_pretrained(path)
     else:
         tok = build_char_tokenizer()
     add_special_tokens(tok)

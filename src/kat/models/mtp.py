@@ -77,6 +77,18 @@ class MTPDepth(nn.Module):
         self.block = layer_cls(config, layer_idx)
         self.norm = RMSNorm(d, eps)
 
+    def forward(self, e: torch.Tensor, h: torch.Tensor, mask, position_ids: torch.Tensor,
+                pos_emb) -> tuple[torch.Tensor, torch.Tensor]:
+        """``e`` = Emb(t_{i+k}) (B, T, d), ``h`` = previous depth's hidden (B, T, d) -> (h^k, norm_k(h^k)).
+
+        A module forward (not loose calls to the parts) so that FSDP2, which gathers a unit's weights in
+        its forward hook, sees each depth as one unit."""
+        x = self.eh_proj(torch.cat([self.enorm(e), self.hnorm(h).to(e.dtype)], dim=-1))  # (B, T, d)
+        x = self.block(x, attention_mask=mask, position_ids=position_ids, position_embeddings=pos_emb)
+        if isinstance(x, tuple):  # older transformers return (hidden, ...)
+            x = x[0]
+        return x, self.norm(x)
+
 
 def base_model(model) -> nn.Module:
     """The decoder stack of an HF causal LM (``model.model`` for Llama/Qwen2-style models)."""
@@ -191,12 +203,8 @@ class MTPHeads(nn.Module):
             e = torch.zeros_like(emb_all)
             if k < T:
                 e[:, : T - k] = emb_all[:, k:]
-            x = dep.eh_proj(torch.cat([dep.enorm(e), dep.hnorm(h).to(e.dtype)], dim=-1))  # (B, T, d)
-            x = dep.block(x, attention_mask=mask, position_ids=position_ids, position_embeddings=pos_emb)
-            if isinstance(x, tuple):  # older transformers return (hidden, ...)
-                x = x[0]
-            h = x
-            outs.append(dep.norm(x))
+            h, normed = dep(e, h, mask, position_ids, pos_emb)
+            outs.append(normed)
         return outs
 
     def config_dict(self) -> dict:
@@ -205,13 +213,15 @@ class MTPHeads(nn.Module):
                 "hidden_input": "final_normed", "output_norm": "per_depth"}
 
 
-def save_heads(heads: MTPHeads, directory: str | Path) -> Path:
-    """Write ``mtp_heads.safetensors`` + ``mtp_config.json`` into ``directory`` (atomically)."""
+def save_heads(heads: MTPHeads, directory: str | Path, state: dict | None = None) -> Path:
+    """Write ``mtp_heads.safetensors`` + ``mtp_config.json`` into ``directory`` (atomically).
+
+    ``state``: the heads' full state dict when they are sharded (gathered by the caller)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in (state if state is not None else heads.state_dict()).items()}
     tmp = directory / (HEADS_FILE + ".tmp")
     save_file(state, str(tmp), metadata={"format": "kat-mtp"})  # the depth is in mtp_config.json
     os.replace(tmp, directory / HEADS_FILE)

@@ -17,6 +17,7 @@ import torch
 from kat import metrics
 from kat.models import hf
 from kat.rollout.evaluate import evaluate
+from kat.stages import fsdp
 from kat.utils import get_logger
 
 log = get_logger(__name__)
@@ -54,6 +55,38 @@ class KatStage(L.LightningModule):
     def on_fit_start(self) -> None:
         # from_pretrained returns eval mode; training needs train mode (dropout, if the model has any)
         self.model.train()
+
+    # ------------------------------------------------------------------ sharding (strategy=fsdp)
+    def fsdp_extra_units(self) -> list[torch.nn.Module]:
+        """Trainable modules besides the decoder layers that get their own FSDP unit (MTP heads)."""
+        return []
+
+    def frozen_models(self) -> list[torch.nn.Module]:
+        """Frozen models (teacher, reference) sharded when ``strategy.shard_frozen`` is true."""
+        return []
+
+    def configure_model(self) -> None:
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if not isinstance(strategy, fsdp.KatFSDPStrategy):
+            return
+        mesh = self.device_mesh["data_parallel"]
+        fsdp.shard_model(self.model, strategy, mesh, strategy.root_device, self.fsdp_extra_units())
+        if strategy.shard_frozen:
+            for m in self.frozen_models():
+                fsdp.shard_frozen(m, mesh)
+
+    # ------------------------------------------------------------------ resume
+    def batches_consumed(self) -> int:
+        """Training batches consumed so far (per rank); the datamodule skips them on resume."""
+        return int(self.global_step) * int(self.trainer.accumulate_grad_batches)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["kat_rng"] = _gather_rng()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get("kat_rng")
+        if states:
+            _set_rng(states[min(_rank(), len(states) - 1)])
 
     # ------------------------------------------------------------------ optimizer
     def trainable_parameters(self):
@@ -98,16 +131,68 @@ class KatStage(L.LightningModule):
             self.last_val[mode] = summary
             prefix = "val" if k == 0 else f"val_{mode}"
             flat = metrics.flat(summary, prefix=prefix)
-            self.log_dict(flat, sync_dist=False, rank_zero_only=True)
+            # every rank holds the same all-reduced sums: sync_dist averages identical values
+            self.log_dict(flat, sync_dist=True)
             if k == 0 and len(self.val_modes()) > 1:
-                self.log_dict(metrics.flat(summary, prefix=f"val_{mode}"), rank_zero_only=True)
+                self.log_dict(metrics.flat(summary, prefix=f"val_{mode}"), sync_dist=True)
             log.info(f"[step {self.global_step}] validation (mode={mode}): " + _fmt(summary))
         self._val_sums = {}
 
     # ------------------------------------------------------------------ export
     def export(self, directory: str | Path) -> Path:
-        """Write the trained model as a plain HF checkpoint (rank 0)."""
-        return hf.save(self.model, self.tokenizer, directory)
+        """Write the trained model as a plain HF checkpoint. Call on every rank: a sharded model is
+        gathered (collective); rank 0 writes."""
+        model = fsdp.unsharded_copy(self.model) if fsdp.is_sharded(self.model) else self.model
+        if _rank() == 0:
+            hf.save(model, self.tokenizer, directory)
+        _barrier()
+        return Path(directory)
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _gather_rng() -> list[dict]:
+    """Every rank's torch/python/numpy RNG state (rank order); a collective under distributed runs."""
+    import random
+
+    import numpy as np
+    import torch.distributed as dist
+
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    # plain lists and tensors only: checkpoints load with torch.load(weights_only=True)
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    if dist.is_available() and dist.is_initialized():
+        out: list = [None] * dist.get_world_size()
+        dist.all_gather_object(out, state)
+        return out
+    return [state]
+
+
+def _set_rng(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 # per-level sums: rows = levels 1..5 + "no level", cols = (n, on, correct, tokens)

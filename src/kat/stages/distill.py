@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from kat.models import mtp as mtp_lib
 from kat.models.teacher import OfflineTeacher, OnlineTeacher, answer_positions, build_teacher, data_fingerprint
+from kat.stages import fsdp
 from kat.stages.base import KatStage, as_dict
 from kat.utils import get_logger
 
@@ -53,11 +54,23 @@ LOSS_DEFAULTS = {"w_ce": 1.0, "w_uld": 1.5, "student_temperature": 1.0, "teacher
 def resolve_uld(impl: str, device: torch.device, *, topk: bool) -> tuple[Callable, str]:
     """The ULD function for ``loss.impl`` on ``device`` and its name (for the log).
 
-    ``auto``: Triton kernel on CUDA, torch reference elsewhere. ``triton``: the kernel, or an error
-    when it cannot run (no CUDA and no TRITON_INTERPRET=1, or no kernel for the top-k form).
+    ``auto``: on CUDA the chunked torch form for full teacher logits (measured 2.9x faster than the Triton
+    kernel in the 0.5B distill step on an H200, docs/benchmarks.md) and the Triton kernel for a top-k cache;
+    the torch reference elsewhere. ``triton``: the kernel, or an error
+    when it cannot run (no CUDA and no TRITON_INTERPRET=1, or no kernel for the top-k form). ``chunked``:
+    the exact torch computation a block of rows at a time with the gradient formed in forward
+    (:func:`kat.losses.uld.uld_loss_chunked`; bounded memory, any device; full-logit teachers only).
     """
-    if impl not in ("auto", "triton", "torch"):
-        raise ValueError(f"loss.impl must be auto, triton or torch, got {impl!r}")
+    if impl not in ("auto", "triton", "torch", "chunked"):
+        raise ValueError(f"loss.impl must be auto, triton, torch or chunked, got {impl!r}")
+    if impl == "auto" and device.type == "cuda" and not topk:
+        impl = "chunked"
+    if impl == "chunked":
+        if topk:
+            raise RuntimeError("loss.impl=chunked needs full teacher logits; a top-k cache uses auto, triton or torch")
+        from kat.losses import uld as ref
+
+        return ref.uld_loss_chunked, "torch chunked (kat.losses.uld.uld_loss_chunked)"
     name = "uld_loss_topk" if topk else "uld_loss"
     can_triton = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
     if impl == "triton" or (impl == "auto" and device.type == "cuda"):
@@ -158,7 +171,14 @@ class Distill(KatStage):
     def student_hidden(self, batch: dict) -> list[torch.Tensor]:
         """Hidden states that feed the shared head: [h^0 (main), norm_1(h^1), …], each (B, T, d)."""
         ids, am = batch["input_ids"], batch["attention_mask"]
-        h0 = mtp_lib.base_model(self.model)(input_ids=ids, attention_mask=am).last_hidden_state  # (B, T, d)
+        if fsdp.is_sharded(self.model):
+            # FSDP2 gathers the root's parameters (embedding, final norm, head) only in the root's forward,
+            # and the MTP heads and the answer-row head below reuse them: go through the root.
+            # logits_to_keep=1: the root computes the head on the last position only (not B x T x V)
+            out = self.model(input_ids=ids, attention_mask=am, output_hidden_states=True, logits_to_keep=1)
+            h0 = out.hidden_states[-1]  # (B, T, d), after the final norm
+        else:
+            h0 = mtp_lib.base_model(self.model)(input_ids=ids, attention_mask=am).last_hidden_state  # (B, T, d)
         if self.mtp is None:
             return [h0]
         return [h0, *self.mtp(self.model, h0, ids, am)]
@@ -234,11 +254,21 @@ class Distill(KatStage):
         return terms["loss"]
 
     # ------------------------------------------------------------------ export
+    def fsdp_extra_units(self) -> list[torch.nn.Module]:
+        return [] if self.mtp is None else list(self.mtp.depths)
+
+    def frozen_models(self) -> list[torch.nn.Module]:
+        models = getattr(self.teacher, "models", {})  # online teachers: {"single"} or {"on", "off"}
+        return list({id(m): m for m in models.values()}.values())
+
     def export(self, directory: str | Path) -> Path:
-        """The HF checkpoint (loads in plain transformers) plus ``mtp_heads.safetensors`` beside it."""
+        """The HF checkpoint (loads in plain transformers) plus ``mtp_heads.safetensors`` beside it.
+        Call on every rank (sharded weights are gathered)."""
         out = super().export(directory)
         if self.mtp is not None:
-            mtp_lib.save_heads(self.mtp, out)
+            state = fsdp.full_state_dict(self.mtp)
+            if self.trainer.is_global_zero:
+                mtp_lib.save_heads(self.mtp, out, state=state)
         return out
 
 

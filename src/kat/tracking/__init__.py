@@ -6,7 +6,9 @@
 * One experiment per task (``task_name``); run name = stage + command-line overrides.
 * Params = the resolved config flattened with ``/``, secrets redacted; tags ``kat.stage``,
   ``kat.git_commit``, and ``mlflow.parentRunId`` when a parent run is given (``$KAT_PARENT_RUN_ID``,
-  set by kat.pipeline and sweeps).
+  set by kat.pipeline and sweeps); a job of a Hydra multirun also gets ``kat.sweep.job`` (its number) and
+  ``kat.override.<key>`` for each of its command-line overrides (the swept values, group choices included).
+* Comparing runs: :mod:`kat.tracking.compare` (tables) and :mod:`kat.tracking.plots` (figures).
 """
 from __future__ import annotations
 
@@ -104,6 +106,7 @@ def mlflow_logger(*, experiment_name: str, stage: str, tracking_uri_: str | None
     parent = os.environ.get(PARENT_ENV)
     if parent:
         all_tags["mlflow.parentRunId"] = parent
+    all_tags.update(hydra_job_tags())
     all_tags.update(tags or {})
     return MLFlowLogger(
         experiment_name=experiment_name,
@@ -116,15 +119,36 @@ def mlflow_logger(*, experiment_name: str, stage: str, tracking_uri_: str | None
     )
 
 
+def hydra_job_tags() -> dict[str, str]:
+    """Tags of a job of a Hydra multirun (``kat.sweep.job``, ``kat.override.<key>``); empty otherwise."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return {}
+        hc = HydraConfig.get()
+    except Exception:  # no Hydra in this process
+        return {}
+    if "MULTIRUN" not in str(hc.mode):
+        return {}
+    tags = {"kat.sweep.job": str(hc.job.num)}
+    for o in hc.overrides.task:
+        key, _, value = str(o).partition("=")
+        tags["kat.override." + re.sub(r"[^\w./ -]", "_", key.lstrip("+~"))] = value[:MAX_PARAM]
+    return tags
+
+
 def start_parent_run(experiment_name: str, run_name_: str, *, params: dict | None = None,
-                     tags: dict | None = None, uri: str | None = None) -> str:
+                     tags: dict | None = None, uri: str | None = None, artifact_location_: str | None = None) -> str:
     """Create a parent run (pipeline or sweep) and return its id; children get it through ``$KAT_PARENT_RUN_ID``."""
+    from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(uri)
-    exp_id = ensure_experiment(experiment_name, uri)
+    exp_id = ensure_experiment(experiment_name, uri, artifact_location_)
     client = MlflowClient(tracking_uri=uri)
     run = client.create_run(exp_id, run_name=run_name_, tags={"kat.git_commit": git_commit(), **(tags or {})})
-    for k, v in (params or {}).items():
-        client.log_param(run.info.run_id, k, str(v)[:MAX_PARAM])
+    items = [Param(k, str(v)[:MAX_PARAM]) for k, v in (params or {}).items()]
+    for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run.info.run_id, params=items[i:i + 100])
     return run.info.run_id
