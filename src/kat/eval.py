@@ -84,28 +84,14 @@ def grading_kwargs(reward_cfg: Any) -> dict:
 # ------------------------------------------------------------------------------------------- generation
 def generate_budgeted(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, force_mode: str | None = None,
                       max_judge_tokens: int = 64, **kwargs) -> list:
-    """:func:`kat.rollout.hf.generate` with ``max_new_tokens`` as the budget of the *whole* completion.
-
-    With ``force_mode`` set, ``generate`` gives the continuation after the forced mode token a fixed
-    ``max_new_tokens − max_judge_tokens`` tokens, whatever the judge's length: a 5-token judge would leave
-    a think-on trace only 32 of 96 tokens. Here the continuation gets ``max_new_tokens`` and each completion
-    is then cut to its first ``max_new_tokens`` tokens (``truncated`` when no stop token lies within them):
-    exactly what one generation with that budget yields, since decoding is left to right.
-    """
-    from kat.rollout.hf import Completion, generate
+    """:func:`kat.rollout.hf.generate` with ``max_new_tokens`` as the budget of the *whole* completion, forced
+    modes included (``generate`` gives each row's continuation what its own judge left of the budget)."""
+    from kat.rollout.hf import generate
 
     if force_mode is None:
         return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, **kwargs)
-    comps = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens + max_judge_tokens,
-                     force_mode=force_mode, max_judge_tokens=min(max_judge_tokens, max(1, max_new_tokens - 1)),
-                     **kwargs)
-    out = []
-    for c in comps:
-        if c.n_tokens > max_new_tokens:
-            ids = c.token_ids[:max_new_tokens]
-            c = Completion(text=tokenizer.decode(ids, skip_special_tokens=False), token_ids=ids, truncated=True)
-        out.append(c)
-    return out
+    return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, force_mode=force_mode,
+                    max_judge_tokens=max_judge_tokens, **kwargs)
 
 
 def complete_and_grade(model, tokenizer, samples: Sequence[dict], *, mode: str = "auto", fmt: str = "coldstart",
