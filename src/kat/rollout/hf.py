@@ -42,6 +42,17 @@ def _cut(ids: list[int], stops: set[int], pad_id: int | None) -> tuple[list[int]
     return ids, True
 
 
+def left_pad(rows: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists -> left-padded ids (B, P) and attention mask (B, P), P = the longest row."""
+    n = max(len(r) for r in rows)
+    ids = torch.full((len(rows), n), pad, dtype=torch.long)  # (B, P)
+    mask = torch.zeros((len(rows), n), dtype=torch.long)  # (B, P)
+    for i, r in enumerate(rows):
+        ids[i, n - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, n - len(r) :] = 1
+    return ids, mask
+
+
 def synced_generation(model) -> dict:
     """``{"synced_gpus": True}`` when ``model`` is FSDP-sharded over several processes, else ``{}``.
 
@@ -67,12 +78,8 @@ def _generate_ids(model, tokenizer, prompt_ids: Sequence[list[int]], *, max_new_
     out: list[list[int]] = []
     for start in range(0, len(prompt_ids), batch_size):
         chunk = prompt_ids[start : start + batch_size]
-        n = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), n), pad, dtype=torch.long)  # (B, T) left-padded
-        mask = torch.zeros((len(chunk), n), dtype=torch.long)  # (B, T)
-        for i, p in enumerate(chunk):
-            ids[i, n - len(p) :] = torch.tensor(p)
-            mask[i, n - len(p) :] = 1
+        ids, mask = left_pad(chunk, pad)  # (B, P), (B, P)
+        n = ids.shape[1]
         kwargs = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,
                       eos_token_id=stop_ids, pad_token_id=pad)
         if do_sample:
@@ -355,12 +362,8 @@ def _sample_ids(model, tokenizer, prompt_rows: Sequence[list[int]], *, max_new_t
     lps: list[torch.Tensor] | None = [] if want_logits else None
     for start in range(0, len(prompt_rows), batch_size):
         chunk = prompt_rows[start : start + batch_size]
-        n = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), n), pad, dtype=torch.long)  # (B, P) left-padded
-        mask = torch.zeros((len(chunk), n), dtype=torch.long)  # (B, P)
-        for i, p in enumerate(chunk):
-            ids[i, n - len(p) :] = torch.tensor(p)
-            mask[i, n - len(p) :] = 1
+        ids, mask = left_pad(chunk, pad)  # (B, P), (B, P)
+        n = ids.shape[1]
         kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
                       num_return_sequences=num_return_sequences, eos_token_id=stop_ids, pad_token_id=pad)
         rec = _Recorder(temperature) if want_logits else None
