@@ -186,3 +186,16 @@ def test_config_coercion_from_hydra_style_mapping():
         SandboxConfig(uid=0)
     with pytest.raises(TypeError, match="program"):
         code.run_tests(None, "assert True")
+
+
+@needs_bwrap
+def test_interpreter_under_tmp_survives_the_fresh_tmp(tmp_path):
+    """A venv in a scratch checkout under /tmp (the sandbox mounts a fresh /tmp) still runs the harness."""
+    venv_bin = tmp_path / "checkout" / ".venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    (venv_bin / "python").symlink_to(os.path.realpath(__import__("sys").executable))
+    cfg = SandboxConfig(python=str(venv_bin / "python"), site_packages=False)
+    argv = sandbox.bwrap_argv(cfg, "bwrap")
+    tmpfs = argv.index("/tmp", argv.index("--tmpfs"))
+    assert str(venv_bin) in argv[tmpfs:]  # bound back after the fresh /tmp
+    assert code.run_tests("def f(x):\n    return x + 1\n", "assert f(1) == 2", timeout_s=TIMEOUT, config=cfg)

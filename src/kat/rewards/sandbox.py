@@ -250,6 +250,25 @@ def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
+def _reexpose(paths: set[str], roots: list[str]) -> list[str]:
+    """bwrap arguments that bind each of ``paths`` read-only back into the fresh ``roots`` that hide it."""
+    args: list[str] = []
+    made: set[str] = set()
+    for p in sorted(paths):
+        root = next((h for h in roots if _under(p, h)), None)
+        if root is None or p == root or not os.path.isdir(p):
+            continue
+        rel = os.path.relpath(p, root).split(os.sep)
+        d = root
+        for part in rel[:-1]:
+            d = os.path.join(d, part)
+            if d not in made:
+                args += ["--perms", "0755", "--dir", d]
+                made.add(d)
+        args += ["--ro-bind", p, p]
+    return args
+
+
 def bwrap_argv(cfg: SandboxConfig, bwrap: str) -> list[str]:
     """The full bubblewrap command line (ends with the interpreter running the harness)."""
     python = _python(cfg)
@@ -262,23 +281,15 @@ def bwrap_argv(cfg: SandboxConfig, bwrap: str) -> list[str]:
     expose = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)}
     expose.add(os.path.dirname(os.path.realpath(python)))
     expose.add(os.path.dirname(os.path.abspath(python)))
-    made: set[str] = set()
-    for p in sorted(expose):
-        root = next((h for h in hidden if _under(p, h)), None)
-        if root is None or p == root or not os.path.isdir(p):
-            continue
-        rel = os.path.relpath(p, root).split(os.sep)
-        d = root
-        for part in rel[:-1]:
-            d = os.path.join(d, part)
-            if d not in made:
-                args += ["--perms", "0755", "--dir", d]
-                made.add(d)
-        args += ["--ro-bind", p, p]
+    args += _reexpose(expose, hidden)
     tmp_bytes = str(int(cfg.tmpfs_mb) * 1024 * 1024)
     args += [
         "--perms", "1777", "--size", tmp_bytes, "--tmpfs", "/tmp",
         "--perms", "1777", "--dir", "/tmp/work",
+    ]
+    # an interpreter under /tmp (a venv in a scratch checkout) must survive the fresh /tmp as well
+    args += _reexpose(expose, ["/tmp"])
+    args += [
         "--dev", "/dev",
         "--perms", "1777", "--size", tmp_bytes, "--tmpfs", "/dev/shm",
         "--proc", "/proc",
