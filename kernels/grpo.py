@@ -283,11 +283,13 @@ def _check_group_args(rewards: Tensor, group_size: int, eps: float) -> None:
         raise ValueError(f"eps must be a finite non-negative float, got {eps!r}")
 
 
-def _float_rewards(rewards: Tensor) -> Tensor:
-    r = rewards if rewards.dtype.is_floating_point else rewards.float()
-    if not bool(torch.isfinite(r).all()):
+def _float_rewards(*rewards: Tensor) -> Tensor | tuple[Tensor, ...]:
+    """Float, contiguous copies of the reward vectors, checked finite with one host sync for all of them."""
+    rs = tuple((r if r.dtype.is_floating_point else r.float()).contiguous() for r in rewards)
+    finite = torch.stack([torch.isfinite(r).all() for r in rs]) if len(rs) > 1 else torch.isfinite(rs[0]).all()
+    if not bool(finite.all()):
         raise ValueError("rewards must be finite (drop ungradable groups before computing advantages)")
-    return r.contiguous()
+    return rs if len(rs) > 1 else rs[0]
 
 
 def _batch_stds(stack: Tensor) -> Tensor:
@@ -369,12 +371,13 @@ def step_credit_advantages(
             raise ValueError(f"boundaries must be [{rows}], got shape {tuple(boundaries.shape)}")
         T = response_mask.shape[1]
         dev = response_mask.device
-    out = torch.zeros((rows, T), dtype=torch.float32, device=dev)
     if group_size == 1 or rows == 0 or T == 0:
-        return out  # advantages are 0 everywhere
+        return torch.zeros((rows, T), dtype=torch.float32, device=dev)  # advantages are 0 everywhere
     _check_device(judge_rewards, answer_rewards, segment_ids, boundaries, response_mask)
-    j = _float_rewards(judge_rewards).to(dev)
-    a = _float_rewards(answer_rewards).to(dev)
+    j, a = _float_rewards(judge_rewards, answer_rewards)  # one finiteness check (one host sync) for both
+    j, a = j.to(dev), a.to(dev)
+    # every element is written by the kernel (its grid covers all rows and columns): no memset needed
+    out = torch.empty((rows, T), dtype=torch.float32, device=dev)
     G = group_size
     bstd = _batch_stds(torch.stack([j.float(), a.float()])) if scale == "batch" else j
     block_g = triton.next_power_of_2(G)
