@@ -39,7 +39,7 @@ from kat.data import schema, synthetic, templates
 from kat.metrics import Record
 from kat.models.tokenizer import render_prompt
 from kat.train import CONF_DIR
-from kat.utils import configure_threads, get_logger, git_commit
+from kat.utils import configure_threads, get_logger
 
 log = get_logger(__name__)
 
@@ -288,37 +288,13 @@ def log_mlflow(cfg: DictConfig, report: dict, json_path: Path) -> str | None:
     lcfg = (cfg.get("logger") or {}).get("mlflow")
     if not lcfg:
         return None
-    from mlflow.entities import Metric, Param
-    from mlflow.tracking import MlflowClient
-
-    uri = tracking.tracking_uri(lcfg.get("tracking_uri"))
-    exp = tracking.ensure_experiment(lcfg.get("experiment_name") or cfg.task_name, uri, lcfg.get("artifact_location"))
-    client = MlflowClient(tracking_uri=uri)
-    tags = {"kat.stage": "eval", "kat.git_commit": git_commit()}
-    parent = os.environ.get(tracking.PARENT_ENV)
-    if parent:
-        tags["mlflow.parentRunId"] = parent
+    flat = flat_metrics(report["results"]["model"], "eval")
+    if report["results"].get("compare"):
+        flat.update(flat_metrics(report["results"]["compare"], "compare"))
+        flat.update(flat_metrics(report["token_saving_pct"], "eval"))
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    run = client.create_run(exp, run_name=lcfg.get("run_name") or tracking.run_name("eval", overrides), tags=tags)
-    rid = run.info.run_id
-    try:
-        params = [Param(k, v) for k, v in tracking.params_from_config(cfg).items()]
-        for i in range(0, len(params), 100):
-            client.log_batch(rid, params=params[i : i + 100])
-        flat = flat_metrics(report["results"]["model"], "eval")
-        if report["results"].get("compare"):
-            flat.update(flat_metrics(report["results"]["compare"], "compare"))
-            flat.update(flat_metrics(report["token_saving_pct"], "eval"))
-        ts = int(time.time() * 1000)
-        ms = [Metric(k, v, ts, 0) for k, v in flat.items()]
-        for i in range(0, len(ms), 1000):
-            client.log_batch(rid, metrics=ms[i : i + 1000])
-        client.log_artifact(rid, str(json_path))
-        client.set_terminated(rid)
-    except BaseException:
-        client.set_terminated(rid, status="FAILED")
-        raise
-    return rid
+    return tracking.log_report_run(cfg, lcfg, stage="eval", run_name_=tracking.run_name("eval", overrides),
+                                   metrics=flat, artifact=json_path)
 
 
 # ------------------------------------------------------------------------------------------------ main

@@ -351,34 +351,10 @@ def log_mlflow(cfg: DictConfig, report: Mapping[str, Any], report_path: Path) ->
     m = (cfg.get("logger") or {}).get("mlflow")
     if not m:
         return None
-    from mlflow.tracking import MlflowClient
-
     from kat import tracking
-    from kat.utils import git_commit
 
-    uri = tracking.tracking_uri(m.get("tracking_uri"))
-    exp = tracking.ensure_experiment(m.get("experiment_name") or cfg.task_name, uri, m.get("artifact_location"))
-    client = MlflowClient(tracking_uri=uri)
-    tags = {"kat.stage": "synth", "kat.git_commit": git_commit()}
-    parent = os.environ.get(tracking.PARENT_ENV)
-    if parent:
-        tags["mlflow.parentRunId"] = parent
-    run = client.create_run(exp, run_name=m.get("run_name") or f"synth {cfg.synth.get('name', '')}".strip(), tags=tags)
-    rid = run.info.run_id
-    from mlflow.entities import Metric, Param
-
-    params = tracking.params_from_config(cfg)
-    items = list(params.items())
-    for s in range(0, len(items), 100):
-        client.log_batch(rid, params=[Param(k, v) for k, v in items[s : s + 100]])
-    mets = asm.flat_metrics(report)
-    ts = int(time.time() * 1000)
-    ml = list(mets.items())
-    for s in range(0, len(ml), 500):
-        client.log_batch(rid, metrics=[Metric(k, v, ts, 0) for k, v in ml[s : s + 500]])
-    client.log_artifact(rid, str(report_path))
-    client.set_terminated(rid)
-    return rid
+    return tracking.log_report_run(cfg, m, stage="synth", run_name_=f"synth {cfg.synth.get('name', '')}".strip(),
+                                   metrics=asm.flat_metrics(report), artifact=report_path)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="synth", version_base="1.3")

@@ -152,3 +152,41 @@ def start_parent_run(experiment_name: str, run_name_: str, *, params: dict | Non
     for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
         client.log_batch(run.info.run_id, params=items[i:i + 100])
     return run.info.run_id
+
+
+def log_report_run(cfg, logger_cfg: Mapping[str, Any], *, stage: str, run_name_: str,
+                   metrics: Mapping[str, float], artifact: str | Path | None = None) -> str:
+    """A finished run of its own for a command that is not a Lightning fit (``kat.eval``, ``kat.synth``).
+
+    In experiment ``logger_cfg.experiment_name`` (else ``cfg.task_name``), child of ``$KAT_PARENT_RUN_ID`` when
+    set; params = ``cfg`` flattened (secrets redacted), ``metrics`` logged at step 0, ``artifact`` attached.
+    The run is marked FAILED if logging breaks half-way. Returns the run id."""
+    import time
+
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(logger_cfg.get("tracking_uri"))
+    exp = ensure_experiment(logger_cfg.get("experiment_name") or cfg.task_name, uri,
+                            logger_cfg.get("artifact_location"))
+    client = MlflowClient(tracking_uri=uri)
+    tags = {"kat.stage": stage, "kat.git_commit": git_commit()}
+    parent = os.environ.get(PARENT_ENV)
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    rid = client.create_run(exp, run_name=logger_cfg.get("run_name") or run_name_, tags=tags).info.run_id
+    try:
+        params = [Param(k, v) for k, v in params_from_config(cfg).items()]
+        for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+            client.log_batch(rid, params=params[i : i + 100])
+        ts = int(time.time() * 1000)
+        ms = [Metric(k, float(v), ts, 0) for k, v in metrics.items()]
+        for i in range(0, len(ms), 1000):  # and at most 1000 metrics
+            client.log_batch(rid, metrics=ms[i : i + 1000])
+        if artifact is not None:
+            client.log_artifact(rid, str(artifact))
+        client.set_terminated(rid)
+    except BaseException:
+        client.set_terminated(rid, status="FAILED")
+        raise
+    return rid
