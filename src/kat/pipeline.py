@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -48,7 +47,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kat import tracking
 from kat.train import CONF_DIR
-from kat.utils import get_logger
+from kat.utils import get_logger, log_tail
 
 log = get_logger(__name__)
 
@@ -62,11 +61,7 @@ def run_stage(step: str, overrides: list[str], out_dir: Path, *, parent_run: str
     step_dir = out_dir / step
     step_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "kat.train", *overrides, f"hydra.run.dir={step_dir}"]
-    env = dict(os.environ)
-    if parent_run:
-        env[tracking.PARENT_ENV] = parent_run
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
+    env = tracking.child_env(parent_run, threads)
     (step_dir / "command.txt").write_text(" ".join(cmd[1:]) + "\n")
     log.info(f"[{step}] python -m kat.train {' '.join(overrides)}")
     t0 = time.time()
@@ -80,8 +75,8 @@ def run_stage(step: str, overrides: list[str], out_dir: Path, *, parent_run: str
                 print(f"  [{step}] {line.rstrip().split(' - ', 1)[-1]}", flush=True)
         rc = proc.wait()
     if rc != 0:
-        tail = (step_dir / "stdout.log").read_text().splitlines()[-30:]
-        raise StepFailed(f"step {step!r} failed (exit {rc}); log: {step_dir / 'stdout.log'}\n" + "\n".join(tail))
+        raise StepFailed(f"step {step!r} failed (exit {rc}); log: {step_dir / 'stdout.log'}\n"
+                         + log_tail(step_dir / "stdout.log"))
     final = step_dir / "checkpoints" / "final"
     log.info(f"[{step}] done in {time.time() - t0:.0f}s -> {final}")
     return final

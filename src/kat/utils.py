@@ -46,3 +46,8 @@ def configure_threads() -> None:
     n = os.environ.get("OMP_NUM_THREADS")
     if n and n.isdigit() and int(n) > 0:
         torch.set_num_threads(int(n))
+
+
+def log_tail(path: str | Path, n: int = 30) -> str:
+    """The last ``n`` lines of a text log (for error messages that point at the log)."""
+    return "\n".join(Path(path).read_text(errors="replace").splitlines()[-n:])

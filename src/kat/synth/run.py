@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kat.data import schema, synthetic
 from kat.synth import assemble as asm
+from kat.utils import log_tail
 from kat.synth.cache import RequestCache
 from kat.synth.endpoints import Broker, EndpointConfig, EndpointError
 from kat.synth.parsing import compile_refusals
@@ -400,18 +401,14 @@ def pipeline_labels(teacher: str | Path, overrides: Sequence[str], seed: int, ou
            f"hydra.run.dir={out_dir / 'run'}"]
     from kat import tracking
 
-    env = dict(os.environ)
-    if parent_run:
-        env[tracking.PARENT_ENV] = parent_run
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
+    env = tracking.child_env(parent_run, threads)
     (out_dir / "command.txt").write_text(" ".join(cmd[1:]) + "\n")
     log.info(f"[synth] python -m kat.synth {' '.join(cmd[4:])}")
     with (out_dir / "stdout.log").open("w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout_s)
     if proc.returncode != 0:
-        tail = (out_dir / "stdout.log").read_text().splitlines()[-30:]
-        raise SynthFailed(f"kat.synth failed (exit {proc.returncode}); log: {out_dir / 'stdout.log'}\n" + "\n".join(tail))
+        raise SynthFailed(f"kat.synth failed (exit {proc.returncode}); log: {out_dir / 'stdout.log'}\n"
+                          + log_tail(out_dir / "stdout.log"))
     out = out_dir / "out"
     report = json.loads((out / "report.json").read_text())
     if not report.get("outputs", {}).get("coldstart"):

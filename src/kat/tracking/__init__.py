@@ -27,6 +27,17 @@ SECRET = re.compile(r"(api[_-]?key|secret|passw(or)?d|credential|access[_-]?toke
 MAX_PARAM = 250
 
 
+def child_env(parent_run: str | None = None, threads: int | None = None) -> dict[str, str]:
+    """Environment of a kat subprocess (a pipeline step): this process's, plus the MLflow parent run
+    (``$KAT_PARENT_RUN_ID``) and ``OMP_NUM_THREADS`` when given."""
+    env = dict(os.environ)
+    if parent_run:
+        env[PARENT_ENV] = parent_run
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
 def tracking_uri(uri: str | None = None) -> str:
     """``uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<abs cwd>/mlflow.db``."""
     if uri:
