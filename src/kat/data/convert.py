@@ -39,14 +39,10 @@ from kat.data import schema
 LETTERS = "ABCD"
 
 
-class ConvertError(ValueError):
+class ConvertError(schema.DataValidationError):
     """Raised with every bad input row, one ``FILE:ROW: message`` per line."""
 
-    def __init__(self, errors: list[str]):
-        self.errors = errors
-        shown = errors[:50]
-        more = f"\n... and {len(errors) - 50} more" if len(errors) > 50 else ""
-        super().__init__(f"{len(errors)} row(s) cannot be converted:\n" + "\n".join(shown) + more)
+    headline = "row(s) cannot be converted"
 
 
 class RowError(ValueError):

@@ -58,11 +58,13 @@ STAGE_REQUIREMENTS: dict[str, tuple[str, ...]] = {
 class DataValidationError(ValueError):
     """Raised with every bad line of a file, one ``FILE:LINE: message`` per line."""
 
+    headline = "invalid sample(s)"  # "<count> <headline>:" opens the message
+
     def __init__(self, errors: list[str]):
         self.errors = errors
         shown = errors[:50]
         more = f"\n... and {len(errors) - 50} more" if len(errors) > 50 else ""
-        super().__init__(f"{len(errors)} invalid sample(s):\n" + "\n".join(shown) + more)
+        super().__init__(f"{len(errors)} {self.headline}:\n" + "\n".join(shown) + more)
 
 
 def sample_errors(obj: Any, stage: str = "any") -> list[str]:
