@@ -206,7 +206,8 @@ def test_vote_threshold_out_of_range_is_named(tmp_path):
 
 
 @pytest.mark.parametrize("recipe,share", [("default", "[0.8,0.4,0.2,0.1,0.1]"),
-                                          ("reproduce", "[0.45,0.45,0.45,0.15,0.15]")])
+                                          ("reproduce", "[0.45,0.45,0.45,0.15,0.15]"),
+                                          ("reproduce_long", "[0.45,0.45,0.45,0.15,0.15]")])
 def test_each_recipe_trains_on_its_own_generator_shares(compose_cfg, recorded, tmp_path, mlflow_uri, recipe, share):
     """The last data.off_share a student step gets (the one Hydra applies) is the recipe's own."""
     cfg = compose_cfg([f"recipe={recipe}", "recipe.steps=[coldstart,rl]"], config_name="pipeline")
@@ -214,3 +215,15 @@ def test_each_recipe_trains_on_its_own_generator_shares(compose_cfg, recorded, t
     for step in ("coldstart", "rl"):
         shares = [o for o in recorded[step] if o.startswith("data.off_share=")]
         assert shares and shares[-1] == f"data.off_share={share}", recorded[step]
+
+
+def test_reproduce_long_is_reproduce_with_a_longer_cold_start_on_more_items(compose_cfg, recorded, tmp_path, mlflow_uri):
+    """recipe=reproduce_long: 10x the distinct items for both student steps, 5,000 cold-start steps, eval on 100/level."""
+    cfg = compose_cfg(["recipe=reproduce_long", "recipe.steps=[coldstart,rl]"], config_name="pipeline")
+    assert list(cfg.recipe.steps) == ["coldstart", "rl"] and cfg.recipe.eval.n_val_per_level == 100
+    pipeline.run(cfg, tmp_path)
+    for step in ("coldstart", "rl"):
+        items = [o for o in recorded[step] if o.startswith("data.n_train_per_level=")]
+        assert items and items[-1] == "data.n_train_per_level=10000", recorded[step]
+    assert "trainer.max_steps=5000" in recorded["coldstart"]
+    assert "trainer.max_steps=400" in recorded["rl"]  # RL as in `make reproduce`
