@@ -223,3 +223,18 @@ def test_forced_generate_with_no_room_after_the_head(tiny):
     close = tok.convert_tokens_to_ids(templates.JUDGE_CLOSE)
     off = tok.convert_tokens_to_ids(templates.mode_token("off"))
     assert out[0].token_ids[-2:] == [close, off] and out[0].truncated and out[0].n_tokens <= 3
+
+
+@pytest.mark.parametrize("source", ["recompute", "sampler"])
+def test_forced_samples_stay_within_max_new_tokens(tiny, source):
+    """A judge that never closes is cut so that ``</judge>`` and the forced mode token still fit the budget."""
+    model, tok = tiny
+    torch.manual_seed(5)
+    M, G = 6, 8
+    r = hf.sample(model, tok, _prompts(tok, ["5+5", "7+1"]), group_size=G, max_new_tokens=M, max_judge_tokens=64,
+                  force_modes=["on", "off"] * G, logprobs=source)
+    close = tok.convert_tokens_to_ids(templates.JUDGE_CLOSE)
+    for i, ids in enumerate(r.response_ids):
+        assert len(ids) <= M, (i, len(ids))
+        pos = int(r.forced[i].nonzero()[0, 0])
+        assert ids[pos - 1] == close

@@ -42,6 +42,11 @@ def _cut(ids: list[int], stops: set[int], pad_id: int | None) -> tuple[list[int]
     return ids, True
 
 
+def _judge_budget(max_new_tokens: int, max_judge_tokens: int) -> int:
+    """Tokens the judge may take when a mode is forced: ``</judge>`` and the mode token must still fit."""
+    return max(1, min(max_judge_tokens, max_new_tokens - 2))
+
+
 def left_pad(rows: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-id lists -> left-padded ids (B, P) and attention mask (B, P), P = the longest row."""
     n = max(len(r) for r in rows)
@@ -118,7 +123,7 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
         else:
             judge_close = tokenizer.convert_tokens_to_ids(JUDGE_CLOSE)
             forced = tokenizer.convert_tokens_to_ids(mode_token(force_mode))
-            head_budget = max(1, min(max_judge_tokens, max_new_tokens - 2))
+            head_budget = _judge_budget(max_new_tokens, max_judge_tokens)
             raw = _generate_ids(model, tokenizer, p_ids, max_new_tokens=head_budget, do_sample=do_sample,
                                 temperature=temperature, top_p=top_p, num_return_sequences=num_return_sequences,
                                 stop_ids=stops + [judge_close], batch_size=batch_size)
@@ -423,7 +428,7 @@ def sample(model, tokenizer, prompts: Sequence[str], *, group_size: int, max_new
             samp_lp = None if lps is None else [lp[: len(c[0])] for lp, c in zip(lps, cut)]
         else:
             judge_close = tokenizer.convert_tokens_to_ids(JUDGE_CLOSE)
-            head_budget = max(1, min(max_judge_tokens, max_new_tokens - 1))
+            head_budget = _judge_budget(max_new_tokens, max_judge_tokens)
             raw, lps = _sample_ids(model, tokenizer, p_ids, max_new_tokens=head_budget, temperature=temperature,
                                    top_p=top_p, num_return_sequences=group_size, stop_ids=stops + [judge_close],
                                    batch_size=batch_size, want_logits=want_logits)
