@@ -86,7 +86,8 @@ def run_stage(step: str, overrides: list[str], out_dir: Path, *, parent_run: str
 STEPS = ("teacher", "vote", "synth", "distill", "coldstart", "rl", "eval")
 
 #: data-group keys that only ``data=synthetic`` has (dropped from ``common`` for steps that read the vote JSONL)
-SYNTHETIC_ONLY_KEYS = ("n_train_per_level", "n_val_per_level", "domains", "labels", "off_share", "random_mode_rate")
+SYNTHETIC_ONLY_KEYS = ("n_train_per_level", "n_val_per_level", "domains", "labels", "off_share", "random_mode_rate",
+                       "operand_digits")
 
 
 def common_for(common: list[str], data_override: list[str]) -> list[str]:
@@ -97,8 +98,21 @@ def common_for(common: list[str], data_override: list[str]) -> list[str]:
     return [o for o in common if not o.lstrip("+~").startswith(drop)]
 
 
+def suite_shapes(recipe: DictConfig) -> list[list[int]] | None:
+    """``recipe.operand_digits``: the embedded suite's operand shapes for every step (None = the default suite)."""
+    shapes = recipe.get("operand_digits")
+    if shapes is None:
+        return None
+    from kat.data import synthetic
+
+    try:
+        return [list(r) for r in synthetic.level_digits(list(shapes)).values()]
+    except ValueError as e:
+        raise ValueError(f"recipe.operand_digits: {e}") from None
+
+
 def vote_labels(teacher: Path, vcfg: DictConfig, seed: int, out_dir: Path, *,
-                parent_run: str | None = None) -> list[str]:
+                parent_run: str | None = None, operand_digits: list[list[int]] | None = None) -> list[str]:
     """Label the training queries by teacher vote and write them as JSONL; return the data overrides.
 
     For each query of the synthetic training split (``vote.n_train_per_level`` per domain and level), the
@@ -108,7 +122,7 @@ def vote_labels(teacher: Path, vcfg: DictConfig, seed: int, out_dir: Path, *,
     Sampling stops for a query as soon as its label is decided (``need`` right, or more than ``k − need``
     wrong), so with ``threshold: 1.0`` hard queries cost one generation. Then ``vote.random_mode_rate`` of the
     labels are re-drawn uniformly (seeded). The held-out JSONL is the synthetic held-out split
-    (``vote.n_val_per_level``).
+    (``vote.n_val_per_level``). ``operand_digits``: the suite's operand shapes (``recipe.operand_digits``).
     """
     import random as _random
 
@@ -128,7 +142,7 @@ def vote_labels(teacher: Path, vcfg: DictConfig, seed: int, out_dir: Path, *,
         raise ValueError(f"recipe.vote.threshold must be in (0, 1], got {threshold}")
     need = max(1, math.ceil(threshold * k - 1e-9))  # right answers needed for a think-off label
     sp = synthetic.splits(int(vcfg.n_train_per_level), int(vcfg.n_val_per_level), seed=seed,
-                          domains=tuple(vcfg.domains))
+                          domains=tuple(vcfg.domains), operand_digits=operand_digits)
     model, tok = models.load({"path": str(teacher)})
     prompts = [render_prompt(tok, schema.prompt_messages(s)) + templates.mode_token("off") for s in sp.train]
     cache = GradeCache()
@@ -251,7 +265,9 @@ def evaluate_checkpoint(ckpt: Path, cfg: DictConfig) -> dict:
     from kat.rollout.evaluate import evaluate
 
     model, tok = models.load({"path": str(ckpt)})
-    samples = synthetic.generate(int(cfg.n_val_per_level), seed=int(cfg.seed), split="heldout")
+    shapes = cfg.get("operand_digits")
+    samples = synthetic.generate(int(cfg.n_val_per_level), seed=int(cfg.seed), split="heldout",
+                                 operand_digits=None if shapes is None else [list(r) for r in shapes])
     records, _ = evaluate(model, tok, samples, fmt="coldstart", mode="auto",
                           max_new_tokens=int(cfg.max_new_tokens), batch_size=int(cfg.batch_size))
     return summarize(records)
@@ -290,7 +306,9 @@ def run(cfg: DictConfig, out_dir: Path) -> Path:
         params={"recipe": recipe.name, "steps": ",".join(steps), "labels": labels, "seed": cfg.seed},
         tags={"kat.stage": "pipeline"},
     )
-    common = [f"seed={cfg.seed}", f"task_name={cfg.task_name}", *recipe.get("common", [])]
+    shapes = suite_shapes(recipe)  # one set of operand shapes for every step (data, vote, synth, eval)
+    suite = [] if shapes is None else [f"data.operand_digits={json.dumps(shapes, separators=(',', ':'))}"]
+    common = [f"seed={cfg.seed}", f"task_name={cfg.task_name}", *suite, *recipe.get("common", [])]
     # generator labels: the recipe's generator overrides for the student steps (a labelling step replaces them)
     generator = [] if labels != "generator" else list(recipe.get("generator") or [])
     ckpt: dict[str, Path] = {}
@@ -311,11 +329,13 @@ def run(cfg: DictConfig, out_dir: Path) -> Path:
             if "teacher" not in ckpt:
                 raise ValueError("recipe.steps: the vote step needs the teacher step before it")
             data_override = vote_labels(ckpt["teacher"], recipe.vote, int(cfg.seed), out_dir / "vote",
-                                        parent_run=parent)
+                                        parent_run=parent, operand_digits=shapes)
         elif step == "synth":
             if "teacher" not in ckpt:
                 raise ValueError("recipe.steps: the synth step needs the teacher step before it")
-            data_override = synth_labels(ckpt["teacher"], list(recipe.get("synth") or []), int(cfg.seed),
+            synth_ov = [*(recipe.get("synth") or []),
+                        *([] if shapes is None else [s.replace("data.", "synth.input.", 1) for s in suite])]
+            data_override = synth_labels(ckpt["teacher"], synth_ov, int(cfg.seed),
                                          out_dir / "synth", parent_run=parent, threads=cfg.threads,
                                          task_name=str(cfg.task_name))
         elif step == "coldstart":
@@ -331,7 +351,8 @@ def run(cfg: DictConfig, out_dir: Path) -> Path:
                        f"model.path={ckpt['coldstart']}", *data_override], out_dir, parent_run=parent,
                 threads=cfg.threads)
         elif step == "eval":
-            ev = OmegaConf.create({**OmegaConf.to_container(recipe.eval, resolve=True), "seed": cfg.seed})
+            ev = OmegaConf.create({**OmegaConf.to_container(recipe.eval, resolve=True), "seed": cfg.seed,
+                                   "operand_digits": shapes})
             if "coldstart" in ckpt:
                 summary["before_rl"] = evaluate_checkpoint(ckpt["coldstart"], ev)
             if "rl" in ckpt:

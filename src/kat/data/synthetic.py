@@ -12,11 +12,11 @@ science   ``47+85? A)122 B)132 C)142 D)133``     ``B``                       cho
 general   ``Ann has 47, Bob 85. Total?``         ``132 in total``            keyword match
 ========  =====================================  ==========================  ====================
 
-Level sets the operand sizes (1+1, 2+1, 2+2, 3+3, 4+4 digits). A tiny model answers levels 1–2 directly
-(a lookup of at most 19×10 sums); from level 4 on the answer depends on a carry chain across 3–4
-columns, which it computes reliably only by writing the column sums out: the think-on trace is that
-column-by-column computation, least significant column first, ending with the total
-(``7+5=12;4+8+1=13;=132``).
+Level sets the operand sizes (default 1+1, 2+1, 2+2, 3+3, 4+4 digits; ``operand_digits`` changes them,
+e.g. three 4-digit operands at level 5). A tiny model answers levels 1–2 directly (a lookup of at most
+19×10 sums); from level 4 on the answer depends on a carry chain across 3–4 columns, which it computes
+reliably only by writing the column sums out: the think-on trace is that column-by-column computation,
+least significant column first, ending with the total (``7+5=12;4+8+1=13;=132``).
 
 Mode labels (``labels="generator"``): think-off with probability ``off_share[level-1]`` (DESIGN.md §4
 default: half of level 1, nothing above: the cold-start model over-thinks, as the paper's does), then a
@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 DOMAINS4 = ("math", "code", "science", "general")
-LEVEL_DIGITS = {1: (1, 1), 2: (2, 1), 3: (2, 2), 4: (3, 3), 5: (4, 4)}
+LEVEL_DIGITS = {1: (1, 1), 2: (2, 1), 3: (2, 2), 4: (3, 3), 5: (4, 4)}  # digits of each operand per level
+NAMES = ("Ann", "Bob", "Cy", "Dee", "Eve", "Flo")  # the general family's people, one per operand
 JUDGE_TEXT = {"on": "hard", "off": "easy"}
 LETTERS = "ABCD"
 HELDOUT_RESERVE = 100  # held-out items per (domain, level) kept out of training
@@ -41,16 +42,35 @@ def _operand(rng: random.Random, digits: int) -> int:
     return rng.randint(0, 9) if digits == 1 else rng.randint(10 ** (digits - 1), 10**digits - 1)
 
 
-def addition_trace(a: int, b: int) -> str:
-    """Column-by-column sum, least significant column first: ``7+5=12;4+8+1=13;=132``."""
-    da, db = str(a)[::-1], str(b)[::-1]
+def level_digits(operand_digits: Sequence[Sequence[int]] | None = None) -> dict[int, tuple[int, ...]]:
+    """``{level: digits of each operand}`` from ``data.operand_digits`` (5 lists, levels 1..5; None = default)."""
+    if operand_digits is None:
+        return dict(LEVEL_DIGITS)
+    rows = [list(r) for r in operand_digits]
+    ok = len(rows) == 5 and all(
+        2 <= len(r) <= len(NAMES) and all(isinstance(d, int) and 1 <= d <= 9 for d in r) for r in rows
+    )
+    if not ok:
+        raise ValueError(
+            "data.operand_digits must be 5 lists (levels 1..5) of 2 to 6 digit counts in 1..9, e.g. "
+            f"[[1,1],[2,1],[2,2],[3,3],[4,4,4]]; got {rows}"
+        )
+    return {level: tuple(r) for level, r in enumerate(rows, start=1)}
+
+
+def addition_trace(*ops: int) -> str:
+    """Column-by-column sum, least significant column first: ``7+5=12;4+8+1=13;=132``.
+
+    Any number of operands; the carry into a column is written as its value (``…+2`` with three operands).
+    """
+    digits = [str(x)[::-1] for x in ops]
     carry, steps = 0, []
-    for i in range(max(len(da), len(db))):
-        terms = [d[i] for d in (da, db) if i < len(d)] + (["1"] if carry else [])
+    for i in range(max(len(d) for d in digits)):
+        terms = [d[i] for d in digits if i < len(d)] + ([str(carry)] if carry else [])
         s = sum(int(t) for t in terms)
         steps.append(f"{'+'.join(terms)}={s}")
         carry = s // 10
-    return ";".join(steps) + f";={a + b}"
+    return ";".join(steps) + f";={sum(ops)}"
 
 
 def _choices(rng: random.Random, s: int) -> tuple[list[str], str]:
@@ -64,26 +84,28 @@ def _choices(rng: random.Random, s: int) -> tuple[list[str], str]:
     return [str(o) for o in opts], LETTERS[opts.index(s)]
 
 
-def make_item(domain: str, level: int, a: int, b: int, rng: random.Random) -> dict:
-    """One sample in the schema of kat.data.schema, without mode/judge (see :func:`label`)."""
-    s = a + b
-    trace = addition_trace(a, b)
+def make_item(domain: str, level: int, ops: Sequence[int], rng: random.Random) -> dict:
+    """One sample (the sum of ``ops``) in the schema of kat.data.schema, without mode/judge (see :func:`label`)."""
+    s = sum(ops)
+    expr = "+".join(str(x) for x in ops)
+    trace = addition_trace(*ops)
     item: dict = {"domain": domain, "level": level}
     if domain == "math":
-        prompt, response = f"{a}+{b}", str(s)
+        prompt, response = expr, str(s)
         item["answer"] = str(s)
     elif domain == "code":
-        prompt, response = f"code: f(x)=x+{a}+{b}", f"f=lambda x:x+{s}"
+        prompt, response = f"code: f(x)=x+{expr}", f"f=lambda x:x+{s}"
         item["tests"] = f"assert f(0)=={s}\nassert f(3)=={s + 3}"
     elif domain == "science":
         opts, letter = _choices(rng, s)
-        prompt = f"{a}+{b}? " + " ".join(f"{LETTERS[i]}){o}" for i, o in enumerate(opts))
+        prompt = f"{expr}? " + " ".join(f"{LETTERS[i]}){o}" for i, o in enumerate(opts))
         response = letter
         trace = f"{trace}={letter}"
         item["choices"] = opts
         item["answer"] = letter
     elif domain == "general":
-        prompt, response = f"Ann has {a}, Bob {b}. Total?", f"{s} in total"
+        people = ", ".join(f"{n} {x}" for n, x in zip(NAMES[1:], ops[1:]))
+        prompt, response = f"{NAMES[0]} has {ops[0]}, {people}. Total?", f"{s} in total"
         item["answer"] = f"{s} in total"
     else:
         raise ValueError(f"synthetic suite has no {domain!r} family (known: {', '.join(DOMAINS4)})")
@@ -123,27 +145,29 @@ def generate(
     levels: Iterable[int] = (1, 2, 3, 4, 5),
     labels: LabelPolicy | None = None,
     exclude: set[tuple] | None = None,
+    operand_digits: Sequence[Sequence[int]] | None = None,
 ) -> list[dict]:
     """``n_per_level`` items per (domain, level), deterministic in ``(seed, split)``.
 
-    ``exclude`` holds ``(domain, a, b)`` keys that must not be generated (the held-out split), for
+    ``exclude`` holds ``(domain, *operands)`` keys that must not be generated (the held-out split), for
     levels ≥ 2; level 1 has only 100 operand pairs, so train and held-out share them by design.
+    ``operand_digits``: the digits of each operand per level (:func:`level_digits`; None = :data:`LEVEL_DIGITS`).
     """
     labels = labels or LabelPolicy()
+    shapes = level_digits(operand_digits)
     out: list[dict] = []
     for domain in domains:
         for level in levels:
-            if level not in LEVEL_DIGITS:
+            if level not in shapes:
                 raise ValueError(f"levels must be in 1..5, got {level}")
             # one stream per (domain, level): the first n items do not depend on n or on other blocks
             rng = random.Random(f"kat-synthetic/{seed}/{split}/{domain}/{level}")
-            da, db = LEVEL_DIGITS[level]
             for i in range(n_per_level):
                 for _ in range(1000):
-                    a, b = _operand(rng, da), _operand(rng, db)
-                    if level == 1 or not exclude or (domain, a, b) not in exclude:
+                    ops = tuple(_operand(rng, d) for d in shapes[level])
+                    if level == 1 or not exclude or (domain, *ops) not in exclude:
                         break
-                item = make_item(domain, level, a, b, rng)
+                item = make_item(domain, level, ops, rng)
                 mode = "off" if rng.random() < labels.off_share[level - 1] else "on"
                 if rng.random() < labels.random_mode_rate:
                     mode = rng.choice(("on", "off"))
@@ -151,10 +175,12 @@ def generate(
     return out
 
 
-def operands(item: dict) -> tuple[int, int]:
-    """``(a, b)`` of a synthetic item, read from its prompt (used for the train/held-out exclusion)."""
-    a, b = (int(x) for x in re.findall(r"\d+", item["messages"][-1]["content"])[:2])
-    return a, b
+def operands(item: dict) -> tuple[int, ...]:
+    """The operands of a synthetic item, read from its prompt (used for the train/held-out exclusion).
+
+    Every family writes the operands before its ``?`` (science options and the general question come after).
+    """
+    return tuple(int(x) for x in re.findall(r"\d+", item["messages"][-1]["content"].split("?")[0]))
 
 
 @dataclass
@@ -172,6 +198,7 @@ def splits(
     seed: int,
     domains: Iterable[str] = DOMAINS4,
     labels: LabelPolicy | None = None,
+    operand_digits: Sequence[Sequence[int]] | None = None,
 ) -> SyntheticSplits:
     """Held-out items first, then training items that avoid the whole held-out reserve.
 
@@ -181,8 +208,10 @@ def splits(
     domains = tuple(domains)
     if n_val_per_level > HELDOUT_RESERVE:
         raise ValueError(f"n_val_per_level must be <= {HELDOUT_RESERVE}, got {n_val_per_level}")
-    reserve = generate(HELDOUT_RESERVE, seed=seed, split="heldout", domains=domains, labels=labels)
+    reserve = generate(HELDOUT_RESERVE, seed=seed, split="heldout", domains=domains, labels=labels,
+                       operand_digits=operand_digits)
     val = [it for it in reserve if int(it["id"].rsplit("-", 1)[1]) < n_val_per_level]
     exclude = {(it["domain"], *operands(it)) for it in reserve}
-    train = generate(n_train_per_level, seed=seed, split="train", domains=domains, labels=labels, exclude=exclude)
+    train = generate(n_train_per_level, seed=seed, split="train", domains=domains, labels=labels, exclude=exclude,
+                     operand_digits=operand_digits)
     return SyntheticSplits(train=train, val=val)

@@ -54,8 +54,10 @@ def load_input(icfg: Mapping[str, Any], seed: int) -> tuple[list[dict], list[dic
     src = str(icfg.get("source", "synthetic"))
     held: list[dict] = []
     if src == "synthetic":
+        shapes = icfg.get("operand_digits")
         sp = synthetic.splits(int(icfg.get("n_per_level", 10)), int(icfg.get("n_val_per_level", 0)), seed=seed,
-                              domains=tuple(icfg.get("domains") or synthetic.DOMAINS4))
+                              domains=tuple(icfg.get("domains") or synthetic.DOMAINS4),
+                              operand_digits=None if shapes is None else [list(r) for r in shapes])
         items, held = sp.train, sp.val
     else:
         p = Path(src)
