@@ -132,6 +132,8 @@ def test_benchmarks_from_files(tmp_path, char_tokenizer):
     ev = OmegaConf.create({"synthetic": {"n_per_level": 2, "domains": ["math"]}})
     assert len(load_benchmark(str(out), ev, 0, limit=2)) == 2
     assert len(load_benchmark("synthetic", ev, 0)) == 10
+    ev.synthetic.operand_digits = [[1, 1], [2, 1], [2, 2], [3, 3], [4, 4, 4]]  # the suite a recipe trained on
+    assert [len(x["messages"][0]["content"].split("+")) for x in load_benchmark("synthetic", ev, 0)] == [2] * 8 + [3] * 2
     assert parse_modes("on") == ["on"] and parse_modes(["auto", "off", "auto"]) == ["auto", "off"]
     with pytest.raises(ValueError, match="eval.mode"):
         parse_modes("sometimes")

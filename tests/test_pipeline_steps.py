@@ -207,7 +207,8 @@ def test_vote_threshold_out_of_range_is_named(tmp_path):
 
 @pytest.mark.parametrize("recipe,share", [("default", "[0.8,0.4,0.2,0.1,0.1]"),
                                           ("reproduce", "[0.45,0.45,0.45,0.15,0.15]"),
-                                          ("reproduce_long", "[0.45,0.45,0.45,0.15,0.15]")])
+                                          ("reproduce_long", "[0.45,0.45,0.45,0.15,0.15]"),
+                                          ("reproduce_hard", "[0.45,0.45,0.45,0.15,0.15]")])
 def test_each_recipe_trains_on_its_own_generator_shares(compose_cfg, recorded, tmp_path, mlflow_uri, recipe, share):
     """The last data.off_share a student step gets (the one Hydra applies) is the recipe's own."""
     cfg = compose_cfg([f"recipe={recipe}", "recipe.steps=[coldstart,rl]"], config_name="pipeline")
@@ -227,3 +228,54 @@ def test_reproduce_long_is_reproduce_with_a_longer_cold_start_on_more_items(comp
         assert items and items[-1] == "data.n_train_per_level=10000", recorded[step]
     assert "trainer.max_steps=5000" in recorded["coldstart"]
     assert "trainer.max_steps=400" in recorded["rl"]  # RL as in `make reproduce`
+
+
+def test_recipe_operand_digits_reach_every_step(compose_cfg, recorded, monkeypatch, tmp_path, mlflow_uri):
+    """recipe=reproduce_hard: one set of operand shapes for the training steps (data.operand_digits), the vote,
+    the synth step and the final evaluation, so training, labels and the held-out split share one suite."""
+    seen: dict = {}
+
+    def fake_vote(teacher, vcfg, seed, out_dir, *, parent_run=None, operand_digits=None):
+        seen["vote"] = operand_digits
+        return ["data=jsonl", f"data.path={out_dir / 'train.jsonl'}"]
+
+    def fake_eval(ckpt, ev):
+        seen.setdefault("eval", []).append(list(map(list, ev.operand_digits)))
+        return {"all": {"think_on_rate": 1.0, "acc": 1.0, "tokens_mean": 1.0, "n": 1}}
+
+    monkeypatch.setattr(pipeline, "vote_labels", fake_vote)
+    monkeypatch.setattr(pipeline, "evaluate_checkpoint", fake_eval)
+    cfg = compose_cfg(["recipe=reproduce_hard", "recipe.steps=[teacher,vote,coldstart,rl,eval]"],
+                      config_name="pipeline")
+    shapes = [[1, 1], [2, 1], [2, 2], [3, 3], [4, 4, 4]]
+    pipeline.run(cfg, tmp_path)
+    assert seen == {"vote": shapes, "eval": [shapes, shapes]}
+    assert "data.operand_digits=[[1,1],[2,1],[2,2],[3,3],[4,4,4]]" in recorded["teacher"]
+    for step in ("coldstart", "rl"):  # they read the vote's JSONL: the synthetic-only key is dropped there
+        assert not any(o.startswith("data.operand_digits=") for o in recorded[step]), recorded[step]
+
+    # labels=synth: the same shapes reach kat.synth's synthetic input
+    def fake_synth(teacher, overrides, seed, out_dir, **kw):
+        seen["synth"] = list(overrides)
+        return ["data=jsonl", f"data.path={out_dir / 'train.jsonl'}"]
+
+    monkeypatch.setattr(pipeline, "synth_labels", fake_synth)
+    cfg = compose_cfg(["recipe=reproduce_hard", "labels=synth", "recipe.steps=[teacher,synth,coldstart]"],
+                      config_name="pipeline")
+    (tmp_path / "s").mkdir()
+    pipeline.run(cfg, tmp_path / "s")
+    assert seen["synth"][-1] == "synth.input.operand_digits=[[1,1],[2,1],[2,2],[3,3],[4,4,4]]"
+
+    # generator labels: the student steps generate the suite themselves
+    cfg = compose_cfg(["recipe=reproduce_hard", "recipe.steps=[coldstart,rl]"], config_name="pipeline")
+    (tmp_path / "g").mkdir()
+    pipeline.run(cfg, tmp_path / "g")
+    for step in ("coldstart", "rl"):
+        assert "data.operand_digits=[[1,1],[2,1],[2,2],[3,3],[4,4,4]]" in recorded[step]
+
+
+def test_bad_recipe_operand_digits_fail_before_any_work(compose_cfg, recorded, tmp_path, mlflow_uri):
+    cfg = compose_cfg(["recipe.operand_digits=[[1,1],[2,1]]"], config_name="pipeline")
+    with pytest.raises(ValueError, match=r"recipe\.operand_digits: data\.operand_digits must be 5 lists"):
+        pipeline.run(cfg, tmp_path)
+    assert recorded == {}

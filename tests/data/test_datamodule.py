@@ -85,6 +85,14 @@ def test_synthetic_datamodule(char_tokenizer):
     assert next(iter(dm.val_dataloader()))[0]["id"].startswith("heldout-")
 
 
+def test_synthetic_datamodule_reads_operand_digits(char_tokenizer):
+    shapes = [[1, 1], [2, 1], [2, 2], [3, 3], [4, 4, 4]]
+    dm = _dm({**LOADER, "name": "synthetic", "n_train_per_level": 2, "n_val_per_level": 1, "domains": ["math"],
+              "labels": "generator", "operand_digits": shapes}, char_tokenizer)
+    level5 = [s for s in dm.val_samples if s["level"] == 5]
+    assert level5 and all(len(S.operands(s)) == 3 for s in level5)
+
+
 def test_jsonl_datamodule_and_errors(char_tokenizer, tmp_path):
     items = S.generate(4, seed=0, domains=("math",))
     p = tmp_path / "d.jsonl"
