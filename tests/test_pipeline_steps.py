@@ -227,7 +227,7 @@ def test_reproduce_long_is_reproduce_with_a_longer_cold_start_on_more_items(comp
         items = [o for o in recorded[step] if o.startswith("data.n_train_per_level=")]
         assert items and items[-1] == "data.n_train_per_level=10000", recorded[step]
     assert "trainer.max_steps=5000" in recorded["coldstart"]
-    assert "trainer.max_steps=400" in recorded["rl"]  # RL as in `make reproduce`
+    assert "trainer.max_steps=400" in recorded["rl"]  # RL as in `recipe=reproduce`
 
 
 def test_recipe_operand_digits_reach_every_step(compose_cfg, recorded, monkeypatch, tmp_path, mlflow_uri):
@@ -272,6 +272,7 @@ def test_recipe_operand_digits_reach_every_step(compose_cfg, recorded, monkeypat
     pipeline.run(cfg, tmp_path / "g")
     for step in ("coldstart", "rl"):
         assert "data.operand_digits=[[1,1],[2,1],[2,2],[3,3],[4,4,4]]" in recorded[step]
+    assert "trainer.max_steps=5000" in recorded["coldstart"]  # reproduce_long's cold start, inherited
 
 
 def test_bad_recipe_operand_digits_fail_before_any_work(compose_cfg, recorded, tmp_path, mlflow_uri):
