@@ -28,7 +28,7 @@ setup: $(STAMP)  ## create or refresh .venv (done by every target)
 train: $(STAMP)  ## the whole recipe on the embedded default (teacher → distill → coldstart → rl → eval)
 	$(PY) -m kat.pipeline
 
-reproduce: $(STAMP)  ## the AutoThink result of docs/rl.md §5.2b (recipe=reproduce_hard, ~50 min on 2 CPU cores)
+reproduce: $(STAMP)  ## the AutoThink run of docs/rl.md §5.2b (recipe=reproduce_hard, ~50 min on 2 CPU cores)
 	$(PY) -m kat.pipeline recipe=reproduce_hard
 
 test: $(STAMP)  ## fast test tier (everything not marked slow; gpu tests skip without CUDA)
