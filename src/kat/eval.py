@@ -59,9 +59,8 @@ def load_benchmark(spec: str, cfg: Any, seed: int, limit: int | None = None) -> 
     """The samples of one benchmark: ``synthetic`` (held-out split) or a file validated for ``eval``."""
     if spec == "synthetic":
         sy = cfg.synthetic
-        shapes = sy.get("operand_digits")
         samples = synthetic.generate(int(sy.n_per_level), seed=seed, split="heldout", domains=tuple(sy.domains),
-                                     operand_digits=None if shapes is None else [list(r) for r in shapes])
+                                     operand_digits=sy.get("operand_digits"))
     else:
         samples = schema.load_samples(spec, "eval")
     return samples[: int(limit)] if limit else samples

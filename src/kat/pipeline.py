@@ -265,9 +265,8 @@ def evaluate_checkpoint(ckpt: Path, cfg: DictConfig) -> dict:
     from kat.rollout.evaluate import evaluate
 
     model, tok = models.load({"path": str(ckpt)})
-    shapes = cfg.get("operand_digits")
     samples = synthetic.generate(int(cfg.n_val_per_level), seed=int(cfg.seed), split="heldout",
-                                 operand_digits=None if shapes is None else [list(r) for r in shapes])
+                                 operand_digits=cfg.get("operand_digits"))
     records, _ = evaluate(model, tok, samples, fmt="coldstart", mode="auto",
                           max_new_tokens=int(cfg.max_new_tokens), batch_size=int(cfg.batch_size))
     return summarize(records)

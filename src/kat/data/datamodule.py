@@ -51,12 +51,6 @@ def _label_policy(cfg: Any) -> synthetic.LabelPolicy:
                                  random_mode_rate=float(cfg.get("random_mode_rate", 0.01)))
 
 
-def _operand_digits(cfg: Any) -> list[list[int]] | None:
-    """``data.operand_digits`` as plain lists (None = the suite's default shapes)."""
-    shapes = cfg.get("operand_digits")
-    return None if shapes is None else [[int(d) for d in row] for row in shapes]
-
-
 def _synthetic(cfg: Any, seed: int) -> Splits:
     if cfg.get("labels", "generator") != "generator":
         raise ValueError(
@@ -65,7 +59,7 @@ def _synthetic(cfg: Any, seed: int) -> Splits:
         )
     sp = synthetic.splits(
         int(cfg.n_train_per_level), int(cfg.n_val_per_level), seed=seed,
-        domains=tuple(cfg.domains), labels=_label_policy(cfg), operand_digits=_operand_digits(cfg),
+        domains=tuple(cfg.domains), labels=_label_policy(cfg), operand_digits=cfg.get("operand_digits"),
     )
     return Splits(sp.train, sp.val)
 

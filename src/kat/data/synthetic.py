@@ -43,7 +43,10 @@ def _operand(rng: random.Random, digits: int) -> int:
 
 
 def level_digits(operand_digits: Sequence[Sequence[int]] | None = None) -> dict[int, tuple[int, ...]]:
-    """``{level: digits of each operand}`` from ``data.operand_digits`` (5 lists, levels 1..5; None = default)."""
+    """``{level: digits of each operand}`` from ``data.operand_digits`` (5 lists, levels 1..5; None = default).
+
+    Accepts plain lists and config nodes alike (callers pass ``cfg.get("operand_digits")`` as it is).
+    """
     if operand_digits is None:
         return dict(LEVEL_DIGITS)
     rows = [list(r) for r in operand_digits]

@@ -54,10 +54,9 @@ def load_input(icfg: Mapping[str, Any], seed: int) -> tuple[list[dict], list[dic
     src = str(icfg.get("source", "synthetic"))
     held: list[dict] = []
     if src == "synthetic":
-        shapes = icfg.get("operand_digits")
         sp = synthetic.splits(int(icfg.get("n_per_level", 10)), int(icfg.get("n_val_per_level", 0)), seed=seed,
                               domains=tuple(icfg.get("domains") or synthetic.DOMAINS4),
-                              operand_digits=None if shapes is None else [list(r) for r in shapes])
+                              operand_digits=icfg.get("operand_digits"))
         items, held = sp.train, sp.val
     else:
         p = Path(src)
