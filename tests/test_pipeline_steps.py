@@ -273,6 +273,10 @@ def test_recipe_operand_digits_reach_every_step(compose_cfg, recorded, monkeypat
     for step in ("coldstart", "rl"):
         assert "data.operand_digits=[[1,1],[2,1],[2,2],[3,3],[4,4,4]]" in recorded[step]
     assert "trainer.max_steps=5000" in recorded["coldstart"]  # reproduce_long's cold start, inherited
+    # the reproduce RL plus a KL term to the cold start (docs/rl.md §5.2b: seed 1 needs it)
+    assert {"+stage=rl", "rollout.logprobs=sampler", "trainer.max_steps=400",
+            "algorithm.loss.kl_coef=0.05"} <= set(recorded["rl"]), recorded["rl"]
+    assert not any(o.startswith("algorithm.loss.kl_coef") for o in recorded["coldstart"])
 
 
 def test_bad_recipe_operand_digits_fail_before_any_work(compose_cfg, recorded, tmp_path, mlflow_uri):
