@@ -13,8 +13,10 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export MLFLOW_ENABLE_ASYNC_LOGGING := false
+# Extra Hydra overrides for `make train` / `make reproduce`, e.g. `make reproduce ARGS=seed=1`.
+ARGS ?=
 
-.PHONY: help setup train reproduce test test-all test-gpu lint clean
+.PHONY: help setup train reproduce test test-all test-gpu clean
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/'
@@ -26,10 +28,10 @@ $(STAMP): pyproject.toml setup.py scripts/bootstrap.sh
 setup: $(STAMP)  ## create or refresh .venv (done by every target)
 
 train: $(STAMP)  ## the whole recipe on the embedded default (teacher → distill → coldstart → rl → eval)
-	$(PY) -m kat.pipeline
+	$(PY) -m kat.pipeline $(ARGS)
 
 reproduce: $(STAMP)  ## the AutoThink run of docs/rl.md §5.2b (recipe=reproduce_hard, ~50 min on 2 CPU cores)
-	$(PY) -m kat.pipeline recipe=reproduce_hard
+	$(PY) -m kat.pipeline recipe=reproduce_hard $(ARGS)
 
 test: $(STAMP)  ## fast test tier (everything not marked slow; gpu tests skip without CUDA)
 	$(PY) -m pytest -q -m "not slow"

@@ -11,8 +11,10 @@ hidden size H for the fused-linear cases):
 * eager ULD from logits: softmax(fp32), full-row sort, L1 (the formula of kat.losses.uld, written here
   because kat_kernels must not import kat);
 * kat_kernels.uld.uld_loss from logits;
+* kat.losses.uld.uld_loss_chunked from logits (exact, torch sort, 1024-row blocks);
 * eager linear + ULD (the student logits materialised);
 * kat_kernels.uld.fused_linear_uld_loss (full teacher logits; and a top-k cache with ``--topk`` > 0);
+* kat.losses.uld.fused_linear_uld_loss_chunked (exact, torch sort, Liger's block size);
 * Liger ``LigerFusedLinearJSD`` (teacher given as hidden states + its own head), when liger_kernel imports.
 
 Synthetic logits: Gaussian with standard deviation ``--scale`` (student) and student + noise (teacher).
@@ -100,11 +102,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from kat_kernels import uld as K  # after the CUDA check: importing triton needs no GPU, launching does
 
-    try:  # the bounded-memory torch form (kat itself; the other eager case above is standalone)
-        from kat.losses.uld import uld_loss_chunked
+    try:  # the bounded-memory torch forms (kat itself; the other eager case above is standalone)
+        from kat.losses.uld import fused_linear_uld_loss_chunked, uld_loss_chunked
     except ImportError:
-        def uld_loss_chunked(s, t):
+        def uld_loss_chunked(*args, **kwargs):
             raise RuntimeError("kat is not importable here")
+        fused_linear_uld_loss_chunked = uld_loss_chunked
 
     try:
         from liger_kernel.transformers import LigerFusedLinearJSD
@@ -135,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                args.reps, args.warmup)))
         rows.append(("kat fused_linear_uld_loss", flabel,
                      *measure(lambda: K.fused_linear_uld_loss(h, w, t), [h, w], args.reps, args.warmup)))
+        rows.append(("torch fused-linear chunked (kat.losses.uld.fused_linear_uld_loss_chunked)", flabel,
+                     *measure(lambda: fused_linear_uld_loss_chunked(h, w, t), [h, w], args.reps, args.warmup)))
         if args.topk > 0:
             top = torch.log_softmax(t.float(), dim=-1).topk(args.topk, dim=-1).values
             tail = (1.0 - top.exp().sum(-1)).clamp_min(0.0)

@@ -41,7 +41,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["uld_loss", "uld_loss_chunked", "uld_loss_topk", "uld_topk_bounds", "uld_topk_lower_bound", "uld_topk_upper_bound"]
+__all__ = ["uld_loss", "uld_loss_chunked", "fused_linear_uld_loss_chunked", "uld_loss_topk", "uld_topk_bounds",
+           "uld_topk_lower_bound", "uld_topk_upper_bound"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -153,31 +154,44 @@ def uld_loss(
     return _reduce(per_row, mask, reduction)
 
 
+def _sorted_l1_rows(s: torch.Tensor, t: torch.Tensor, tau_s: float, tau_t: float,
+                    want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Exact ULD of each row of one block, and its gradient with respect to the student logits.
+
+    s: (c, V_S) student logits, t: (c, V_T) teacher logits (any float dtype) -> per_row (c,) fp32 and, when
+    ``want_grad``, ∂per_row[i]/∂s[i] (c, V_S) fp32 (else None). Same sorts and subgradient as :func:`uld_loss`.
+    """
+    width = max(s.shape[1], t.shape[1])
+    p_s = torch.softmax(s.float() / tau_s, dim=-1)  # (c, V_S)
+    p_t = torch.softmax(t.float() / tau_t, dim=-1)  # (c, V_T)
+    sorted_s, idx = torch.sort(_pad_to(p_s, width), dim=-1, descending=True)  # (c, V), (c, V)
+    diff = sorted_s - torch.sort(_pad_to(p_t, width), dim=-1, descending=True).values  # (c, V)
+    del p_t, sorted_s
+    per_row = diff.abs().sum(dim=-1)  # (c,)
+    if not want_grad:
+        return per_row, None
+    # ∂/∂p_s[i] = sign(diff at the rank of i) (sign(0) = 0, as torch.abs); padded columns dropped
+    g_p = torch.zeros_like(diff).scatter_(-1, idx, torch.sign(diff))[:, :s.shape[1]]  # (c, V_S)
+    del diff, idx
+    # softmax backward: ∂/∂s = p ⊙ (g − Σ p g) / τ_S
+    g_p -= (p_s * g_p).sum(dim=-1, keepdim=True)
+    return per_row, g_p.mul_(p_s).div_(tau_s)
+
+
 class _ChunkedULD(torch.autograd.Function):
     """Per-row exact ULD, computed ``chunk`` rows at a time; the gradient is formed in forward (per chunk) and
     kept in the student logits' dtype, so peak extra memory is a few (chunk, V) fp32 buffers plus that gradient."""
 
     @staticmethod
     def forward(ctx, s: torch.Tensor, t: torch.Tensor, tau_s: float, tau_t: float, chunk: int) -> torch.Tensor:
-        n, v_s = s.shape
-        width = max(v_s, t.shape[1])
+        n = s.shape[0]
         per_row = torch.empty(n, dtype=torch.float32, device=s.device)  # (N,)
         grad = torch.empty_like(s) if ctx.needs_input_grad[0] else None  # (N, V_S): ∂ per_row / ∂ s
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
-            p_s = torch.softmax(s[a:b].float() / tau_s, dim=-1)  # (c, V_S)
-            p_t = torch.softmax(t[a:b].float() / tau_t, dim=-1)  # (c, V_T)
-            sorted_s, idx = torch.sort(_pad_to(p_s, width), dim=-1, descending=True)  # (c, V), (c, V)
-            diff = sorted_s - torch.sort(_pad_to(p_t, width), dim=-1, descending=True).values  # (c, V)
-            del p_t, sorted_s
-            per_row[a:b] = diff.abs().sum(dim=-1)
+            per_row[a:b], g = _sorted_l1_rows(s[a:b], t[a:b], tau_s, tau_t, grad is not None)
             if grad is not None:
-                # ∂/∂p_s[i] = sign(diff at the rank of i) (sign(0) = 0, as torch.abs); padded columns dropped
-                g_p = torch.zeros_like(diff).scatter_(-1, idx, torch.sign(diff))[:, :v_s]  # (c, V_S)
-                del diff, idx
-                # softmax backward: ∂/∂s = p ⊙ (g − Σ p g) / τ_S
-                g_p -= (p_s * g_p).sum(dim=-1, keepdim=True)
-                grad[a:b] = (p_s * g_p / tau_s).to(grad.dtype)
+                grad[a:b] = g.to(grad.dtype)
         if grad is not None:
             ctx.save_for_backward(grad)
         return per_row
@@ -214,6 +228,121 @@ def uld_loss_chunked(
     mask = _check_mask(mask, student_logits.shape[0], student_logits.device)
     per_row = _ChunkedULD.apply(student_logits, teacher_logits.detach(), tau_s, tau_t, int(chunk_rows))  # (N,)
     return _reduce(per_row, mask, reduction)
+
+
+class _FusedLinearChunkedULD(torch.autograd.Function):
+    """ULD of ``hidden @ weight.T (+ bias)`` a block of rows at a time; every gradient is formed in forward.
+
+    ``coef`` (N,) fp32 is ∂loss/∂per_row (the mask and the reduction folded in), so the weight gradient can be
+    accumulated block by block; backward only scales the stored gradients by the upstream scalar."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, teacher, tau_s: float, tau_t: float, coef: torch.Tensor,
+                chunk: int) -> torch.Tensor:
+        n = hidden.shape[0]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        grad_h = torch.empty_like(hidden) if need_h else None  # (N, H)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None  # (V_S, H)
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None  # (V_S,)
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for a in range(0, n, chunk):
+            b = min(n, a + chunk)
+            logits = torch.nn.functional.linear(hidden[a:b], weight, bias)  # (c, V_S), only this block exists
+            per_row, g = _sorted_l1_rows(logits, teacher[a:b], tau_s, tau_t, need_h or need_w or need_b)
+            del logits
+            c = coef[a:b]  # (c,)
+            loss += torch.where(c != 0, c * per_row, torch.zeros_like(per_row)).sum()  # masked rows are exact 0
+            if g is None:
+                continue
+            g.mul_(c[:, None])  # (c, V_S) fp32: ∂loss/∂logits of this block
+            if need_h:
+                grad_h[a:b] = g.to(weight.dtype) @ weight  # (c, H)
+            if need_w:
+                grad_w.addmm_(g.t(), hidden[a:b].float())  # (V_S, H), accumulated in fp32
+            if need_b:
+                grad_b += g.sum(dim=0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # grad_out: () upstream gradient of the scalar loss
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        grad_h = None if grad_h is None else grad_h * grad_out.to(grad_h.dtype)
+        grad_w = None if grad_w is None else (grad_w * grad_out).to(w_dtype)
+        grad_b = None if grad_b is None else (grad_b * grad_out).to(b_dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None, None
+
+
+def fused_linear_uld_loss_chunked(
+    student_hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    lm_head_bias: torch.Tensor | None = None,
+    student_temperature: float = 1.0,
+    teacher_temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Exact ULD of ``student_hidden @ lm_head_weight.T (+ bias)`` against teacher logits, in plain torch,
+    without the (N, V_S) student logits ever existing at full size (the Liger fused-linear pattern).
+
+    Equal to ``uld_loss(F.linear(student_hidden, lm_head_weight, lm_head_bias), teacher_logits, ...)`` in value
+    and gradients (same sorts, same subgradient at ties). ``chunk_rows`` rows at a time: their logits, softmax
+    and sorts are formed, the loss and ∂loss/∂logits computed, then grad_hidden = dlogits W and
+    grad_W += dlogits^T h (fp32). All gradients are computed in forward; backward only scales them.
+    Peak extra memory: the fp32 grad_W (V_S × H) plus ~40 B × chunk_rows × max(V_S, V_T) of block buffers.
+
+    Args:
+        student_hidden: (N, H) final hidden states (after the final norm); float32, bfloat16 or float16.
+        lm_head_weight: (V_S, H), same dtype and device.
+        teacher_logits: (N, V_T) any float dtype; detached.
+        lm_head_bias: optional (V_S,).
+        mask, student_temperature, teacher_temperature: as :func:`uld_loss`.
+        reduction: "mean" or "sum" ("none" is not supported: grad_W is accumulated in forward).
+        chunk_rows: rows per block; default Liger's rule, next_pow2(ceil(N / ceil(V_S / H))).
+    """
+    if not isinstance(student_hidden, torch.Tensor) or student_hidden.dim() != 2:
+        raise ValueError(f"student_hidden must have shape [N, H], got "
+                         f"{tuple(getattr(student_hidden, 'shape', ()))}")
+    n, hid = student_hidden.shape
+    if not isinstance(lm_head_weight, torch.Tensor) or lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hid:
+        raise ValueError(f"lm_head_weight must have shape [V_S, {hid}], got "
+                         f"{tuple(getattr(lm_head_weight, 'shape', ()))}")
+    if student_hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16) \
+            or lm_head_weight.dtype != student_hidden.dtype:
+        raise TypeError(f"student_hidden and lm_head_weight must share one float dtype (float32, bfloat16 or "
+                        f"float16), got {student_hidden.dtype} and {lm_head_weight.dtype}")
+    if lm_head_weight.device != student_hidden.device:
+        raise ValueError(f"lm_head_weight is on {lm_head_weight.device} but student_hidden is on "
+                         f"{student_hidden.device}")
+    if lm_head_bias is not None and (not isinstance(lm_head_bias, torch.Tensor)
+                                     or lm_head_bias.shape != (lm_head_weight.shape[0],)):
+        raise ValueError(f"lm_head_bias must have shape [{lm_head_weight.shape[0]}], got "
+                         f"{tuple(getattr(lm_head_bias, 'shape', ()))}")
+    _check_logits("teacher_logits", teacher_logits)
+    if teacher_logits.shape[0] != n or teacher_logits.device != student_hidden.device:
+        raise ValueError(f"teacher_logits must have {n} rows on {student_hidden.device}, got "
+                         f"{tuple(teacher_logits.shape)} on {teacher_logits.device}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum' for the fused-linear ULD, got {reduction!r}")
+    tau_s = _check_temperature("student_temperature", student_temperature)
+    tau_t = _check_temperature("teacher_temperature", teacher_temperature)
+    mask = _check_mask(mask, n, student_hidden.device)
+    if chunk_rows is None:
+        per_block = -(-n // max(1, -(-lm_head_weight.shape[0] // hid)))  # ceil(N / ceil(V_S / H))
+        chunk_rows = 1 << max(0, per_block - 1).bit_length()  # next power of two
+    elif int(chunk_rows) < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    coef = mask.float()  # (N,) ∂loss/∂per_row
+    if reduction == "mean":
+        coef = coef / mask.sum().clamp_min(1).float()
+    return _FusedLinearChunkedULD.apply(student_hidden, lm_head_weight, lm_head_bias, teacher_logits.detach(),
+                                        tau_s, tau_t, coef, int(chunk_rows))
 
 
 def _topk_parts(
