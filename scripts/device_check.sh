@@ -27,9 +27,9 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 STEPS=${STEPS:-uld grpo train tests}   # a subset reruns only those, e.g. STEPS="grpo train"
 for s in $STEPS; do
   case $s in
-    uld)   step bench_uld 140 python3 kernels/bench/uld.py ;;
-    grpo)  step bench_grpo 110 python3 kernels/bench/grpo.py ;;
-    train) step bench_train 200 python3 kernels/bench/train_step.py --budget-s 170 --out "$OUT/train_step.md" ${TRAIN_ARGS:-} ;;
+    uld)   step bench_uld 140 python3 benchmarks/uld.py ;;
+    grpo)  step bench_grpo 110 python3 benchmarks/grpo.py ;;
+    train) step bench_train 200 python3 benchmarks/train_step.py --budget-s 170 --out "$OUT/train_step.md" ${TRAIN_ARGS:-} ;;
     tests) step gpu_tests 130 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels tests/models --timeout 120 ;;
     *) echo "unknown step $s" ;;
   esac

@@ -1,4 +1,4 @@
-"""CPU smoke run of kernels/bench/train_step.py (the H100 training-step benchmark).
+"""CPU smoke run of benchmarks/train_step.py (the H100 training-step benchmark).
 
 The script runs in a subprocess with ``--tiny --device cpu`` and ``TRITON_INTERPRET=1`` in *its* environment
 (the Triton ULD kernel of the ``distill`` cases runs interpreted there; nothing leaks into this process). The
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "kernels" / "bench" / "train_step.py"
+SCRIPT = ROOT / "benchmarks" / "train_step.py"
 SMOKE_CASES = ("sft", "distill", "distill_eager", "distill_fsdp_mtp_plain", "rl_update", "rl_update_eager", "rollout")
 COLUMNS = ("case", "shape (B×T)", "ms/step", "tokens/s", "MFU %", "peak mem GiB", "note")
 

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from kat.models import mtp
+from kat.models import forward, mtp
 
 
 def _tiny(family: str, vocab: int = 40, seed: int = 0):
@@ -67,7 +67,7 @@ def _mtp_ref(model, heads, ids, length):
     cfg = model.config
     emb = model.get_input_embeddings().weight
     with torch.no_grad():
-        h = list(mtp.base_model(model)(input_ids=ids[None, :length]).last_hidden_state[0])
+        h = list(forward.base_model(model)(input_ids=ids[None, :length]).last_hidden_state[0])
     outs = []
     for k, dep in enumerate(heads.depths, start=1):
         xs = []
@@ -95,7 +95,7 @@ def test_mtp_matches_hand_written_reference(family, depth):
     am[1, 6:] = 0
     ids[1, 6:] = 0  # right padding
     with torch.no_grad():
-        h0 = mtp.base_model(model)(input_ids=ids, attention_mask=am).last_hidden_state
+        h0 = forward.base_model(model)(input_ids=ids, attention_mask=am).last_hidden_state
         got = heads(model, h0, ids, am)
     assert len(got) == depth and all(t.shape == (2, 9, 32) for t in got)
     for b, L in enumerate(lengths):
@@ -115,7 +115,7 @@ def test_depth_k_at_position_i_sees_tokens_up_to_i_plus_k(depth):
 
     def run(x):
         with torch.no_grad():
-            h0 = mtp.base_model(model)(input_ids=x).last_hidden_state
+            h0 = forward.base_model(model)(input_ids=x).last_hidden_state
             return heads(model, h0, x)
 
     base = run(ids)

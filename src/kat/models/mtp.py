@@ -40,6 +40,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from kat.models.forward import base_model, lm_logits
 from kat.utils import get_logger
 
 log = get_logger(__name__)
@@ -88,31 +89,6 @@ class MTPDepth(nn.Module):
         if isinstance(x, tuple):  # older transformers return (hidden, ...)
             x = x[0]
         return x, self.norm(x)
-
-
-def base_model(model) -> nn.Module:
-    """The decoder stack of an HF causal LM (``model.model`` for Llama/Qwen2-style models)."""
-    base = getattr(model, "base_model", None)
-    if base is None or base is model or not hasattr(base, "layers"):
-        raise TypeError(f"{type(model).__name__}: expected an HF causal LM with a decoder stack "
-                        "(model.base_model.layers), e.g. Qwen2ForCausalLM or LlamaForCausalLM")
-    return base
-
-
-def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """The model's output head on ``hidden`` (…, d) -> (…, V), with its logit post-processing.
-
-    Applies ``config.logit_scale`` (Cohere-style) and ``config.final_logit_softcapping`` (Gemma-2
-    style) when set, so a head called on selected rows computes what ``model(...).logits`` would.
-    """
-    logits = model.get_output_embeddings()(hidden)
-    scale = getattr(model.config, "logit_scale", None)
-    if scale is not None:
-        logits = logits * scale
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap is not None:
-        logits = cap * torch.tanh(logits / cap)
-    return logits
 
 
 def _layer_config(config, depth: int):

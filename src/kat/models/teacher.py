@@ -37,7 +37,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from kat.models import hf
-from kat.models.mtp import base_model, lm_logits
+from kat.models.forward import final_hidden, lm_logits
 from kat.utils import get_logger
 
 log = get_logger(__name__)
@@ -229,7 +229,7 @@ class OnlineTeacher:
                 continue
             model = self.models[name]
             ex = sel.nonzero().squeeze(-1)  # (B_g,)
-            hidden = base_model(model)(input_ids=input_ids[ex], attention_mask=attention_mask[ex]).last_hidden_state
+            hidden = final_hidden(model, input_ids[ex], attention_mask[ex])  # (B_g, T, d_t), root forward (FSDP-safe)
             # rows belonging to this group's examples, mapped to the sub-batch index
             where = sel[rows[:, 0]]  # (N,)
             if not bool(where.any()):

@@ -278,21 +278,28 @@ def pack(prompt_rows: Sequence[Sequence[int]], response_rows: Sequence[Sequence[
 
 
 def response_hidden(model, packed: Packed) -> torch.Tensor:
-    """Final hidden states (after the last norm) at the positions that predict the response: ``[n, T, H]``."""
-    from kat.models.mtp import base_model
+    """Final hidden states (after the last norm) at the positions that predict the response: ``[n, T, H]``.
 
-    out = base_model(model)(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
-                            position_ids=packed.position_ids, use_cache=False)
+    A root forward of ``model`` (FSDP2-safe, :mod:`kat.models.forward`); afterwards the head weight is gathered
+    for a fused loss that reads it (:func:`kat.models.forward.head_weight`)."""
+    from kat.models.forward import final_hidden
+
+    h = final_hidden(model, packed.input_ids, packed.attention_mask, packed.position_ids)  # (n, P+T, H)
     T = packed.response_ids.shape[1]
     P = packed.prompt_len
-    return out.last_hidden_state[:, P - 1 : P - 1 + T]  # (n, T, H)
+    return h[:, P - 1 : P - 1 + T]  # (n, T, H)
 
 
 def response_logits(model, packed: Packed) -> torch.Tensor:
-    """Logits predicting each response token: ``[n, T, V]`` (the model's head incl. logit scaling/softcap)."""
-    from kat.models.mtp import lm_logits
+    """Logits predicting each response token: ``[n, T, V]`` (the model's head incl. logit scaling/softcap).
 
-    return lm_logits(model, response_hidden(model, packed))
+    The root forward computes the head on the last ``T + 1`` columns only (``P-1 … P+T-1``); the first ``T`` of
+    them predict the response (FSDP2-safe, :mod:`kat.models.forward`)."""
+    from kat.models.forward import last_logits
+
+    T = packed.response_ids.shape[1]
+    logits = last_logits(model, packed.input_ids, packed.attention_mask, packed.position_ids, keep=T + 1)
+    return logits[:, :T]  # (n, T, V)
 
 
 @torch.no_grad()

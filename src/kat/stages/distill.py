@@ -39,6 +39,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from kat.models import forward as forward_lib
 from kat.models import mtp as mtp_lib
 from kat.models.teacher import OfflineTeacher, OnlineTeacher, answer_positions, build_teacher, data_fingerprint
 from kat.stages import fsdp
@@ -171,14 +172,9 @@ class Distill(KatStage):
     def student_hidden(self, batch: dict) -> list[torch.Tensor]:
         """Hidden states that feed the shared head: [h^0 (main), norm_1(h^1), …], each (B, T, d)."""
         ids, am = batch["input_ids"], batch["attention_mask"]
-        if fsdp.is_sharded(self.model):
-            # FSDP2 gathers the root's parameters (embedding, final norm, head) only in the root's forward,
-            # and the MTP heads and the answer-row head below reuse them: go through the root.
-            # logits_to_keep=1: the root computes the head on the last position only (not B x T x V)
-            out = self.model(input_ids=ids, attention_mask=am, output_hidden_states=True, logits_to_keep=1)
-            h0 = out.hidden_states[-1]  # (B, T, d), after the final norm
-        else:
-            h0 = mtp_lib.base_model(self.model)(input_ids=ids, attention_mask=am).last_hidden_state  # (B, T, d)
+        # through the root forward: under FSDP2 it gathers the embedding, final norm and head that the MTP
+        # depths and the answer-row head below reuse (kat.models.forward)
+        h0 = forward_lib.final_hidden(self.model, ids, am)  # (B, T, d), after the final norm
         if self.mtp is None:
             return [h0]
         return [h0, *self.mtp(self.model, h0, ids, am)]
@@ -214,11 +210,11 @@ class Distill(KatStage):
             src = rows[:, 1] - k  # student position i = p - k
             keep = src >= 0  # (N,)
             b, i = rows[keep, 0], src[keep]
-            s = mtp_lib.lm_logits(self.model, h[b, i]).float()  # (N_k, Vs)
+            s = forward_lib.lm_logits(self.model, h[b, i]).float()  # (N_k, Vs)
             ce = F.cross_entropy(s, targets[keep])
             if "pairs" in teacher:  # cross-tokenizer: ULD on the aligned pairs of this depth only
                 pb, pi, pu = teacher["pairs"][k]
-                kd = uld(mtp_lib.lm_logits(self.model, h[pb, pi]).float(), teacher["logits"][pu],
+                kd = uld(forward_lib.lm_logits(self.model, h[pb, pi]).float(), teacher["logits"][pu],
                          student_temperature=float(c["student_temperature"]),
                          teacher_temperature=float(c["teacher_temperature"]))
             elif "logits" in teacher:

@@ -47,6 +47,7 @@ from kat import metrics, rewards
 from kat.data import schema, templates
 from kat.data.resampling import DynamicSampler, HistoryResampler, zero_std_groups
 from kat.losses import grpo as G
+from kat.models.forward import head_weight
 from kat.models.tokenizer import render_prompt
 from kat.rewards.step_srpo import (
     ALGORITHMS,
@@ -607,7 +608,7 @@ class StepSRPO(KatStage):
             hidden = hf_rollout.response_hidden(self.model, pk)  # (n, T, H)
             w = G.aggregation_weights(m, kw["loss_agg"], counts=counts, norm_const=kw.get("norm_const"),
                                       decision_mask=dec, decision_weight=decision_weight)
-            head = self.model.get_output_embeddings().weight
+            head = head_weight(self.model)  # gathered by the root forward of response_hidden
             out = fused_policy_loss(
                 hidden, head.to(hidden.dtype), pk.response_ids, old, adv, m, ref_logp=ref, token_weights=w,
                 temperature=self.temperature, clip_eps_low=kw["clip_eps_low"], clip_eps_high=kw["clip_eps_high"],

@@ -1,8 +1,8 @@
 """Benchmark: whole training steps of a Qwen2.5-0.5B-shaped student through kat's own code paths.
 
-    python kernels/bench/train_step.py                               # H100/H200 defaults, all cases
-    python kernels/bench/train_step.py --cases sft,distill --out bench.md
-    python kernels/bench/train_step.py --tiny --device cpu           # CPU smoke run (set TRITON_INTERPRET=1)
+    python benchmarks/train_step.py                               # H100/H200 defaults, all cases
+    python benchmarks/train_step.py --cases sft,distill --out bench.md
+    python benchmarks/train_step.py --tiny --device cpu           # CPU smoke run (set TRITON_INTERPRET=1)
 
 Prints one markdown table (rows also appear one by one on stderr as they finish; ``--out`` rewrites the
 table file after every case, so a run killed half-way keeps the rows it finished). A case that fails prints

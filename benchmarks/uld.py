@@ -1,7 +1,7 @@
 """Benchmark: ULD forward + backward, eager vs Triton kernels (and Liger's fused-linear JSD as a peer).
 
-    python kernels/bench/uld.py                       # default shapes, bf16
-    python kernels/bench/uld.py --shapes 4096x151936 --hidden 896 --reps 10 --topk 64
+    python benchmarks/uld.py                       # default shapes, bf16
+    python benchmarks/uld.py --shapes 4096x151936 --hidden 896 --reps 10 --topk 64
 
 Prints one table: median time of forward + backward over ``--reps`` runs (CUDA events, after ``--warmup``
 runs) and peak extra memory (max allocated during the run minus what was allocated before it, inputs
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     if not torch.cuda.is_available():
-        print("kernels/bench/uld.py needs a CUDA device; none is available. Nothing was measured.",
+        print("benchmarks/uld.py needs a CUDA device; none is available. Nothing was measured.",
               file=sys.stderr)
         return 2
     try:

@@ -1,6 +1,6 @@
 """Benchmark: eager torch vs kat_kernels.grpo (and Liger's fused-linear GRPO loss when importable).
 
-    python kernels/bench/grpo.py            # needs a CUDA GPU; prints one markdown table
+    python benchmarks/grpo.py            # needs a CUDA GPU; prints one markdown table
 
 Cases (shapes of the device README's anchors):
 * group advantages, 1024 prompts × 16 rollouts: TRL's eager formula, kat's torch reference, the Triton kernel;
@@ -45,7 +45,7 @@ def _extra_gib(fn) -> float:
 
 def main() -> int:
     if not torch.cuda.is_available():
-        print("kernels/bench/grpo.py needs a CUDA GPU (none found); nothing was measured.", file=sys.stderr)
+        print("benchmarks/grpo.py needs a CUDA GPU (none found); nothing was measured.", file=sys.stderr)
         return 2
     from kat.losses import grpo as R
     from kat.rewards import step_srpo as S
