@@ -15,7 +15,7 @@ def recorded(monkeypatch, tmp_path):
     """``run_stage`` replaced by a recorder: {step: overrides}; each step's "checkpoint" is a path in tmp_path."""
     calls: dict[str, list[str]] = {}
 
-    def fake_run_stage(step, overrides, out_dir, *, parent_run, threads):
+    def fake_run_stage(step, overrides, out_dir, *, parent_run, threads, progress=None):
         assert parent_run  # every step is a child of the pipeline's parent run
         calls[step] = list(overrides)
         return tmp_path / step / "final"

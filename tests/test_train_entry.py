@@ -68,6 +68,8 @@ def test_pipeline_smoke(tmp_path, mlflow_uri):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     last = r.stdout.strip().splitlines()[-1]
     summary = json.loads(open(last).read())
+    # the recipe step (k of n) and its child's progress lines, passed through (stdout is no terminal here)
+    assert "[1/7 teacher] step 3/3 (100 %)" in r.stdout and "[6/7 rl] step 2/2 (100 %)" in r.stdout, r.stdout[-3000:]
     assert set(summary) <= {"before_rl", "after_rl"} and "before_rl" in summary
     for block in summary.values():
         assert set(block) == {"level_1", "level_2", "level_3", "level_4", "level_5", "all"}

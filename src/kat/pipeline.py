@@ -29,6 +29,9 @@ checkpoint (``model.path`` passed explicitly). Steps (``recipe.steps``):
 The top-level ``labels=generator|vote|synth`` (conf/pipeline.yaml; default null = as ``recipe.steps`` say)
 swaps the recipe's labelling step: :func:`resolve_steps`.
 
+While it runs: the recipe step (``[k/n step]``), the child's progress (:mod:`kat.progress`: a bar in a terminal,
+its lines otherwise), the elapsed time and an ETA scaled from ``recipe.seconds`` or an earlier run's times.
+
 Output: a per-level table (think-on rate, accuracy, mean tokens) and ``summary.json`` (DESIGN.md §4,
 contract) whose path is the last line of stdout.
 """
@@ -46,6 +49,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from kat import tracking
+from kat.progress import PipelineProgress, reference_seconds
 from kat.train import CONF_DIR
 from kat.utils import get_logger, log_tail
 
@@ -56,29 +60,33 @@ class StepFailed(RuntimeError):
     pass
 
 
-def run_stage(step: str, overrides: list[str], out_dir: Path, *, parent_run: str | None, threads: int | None) -> Path:
-    """Run ``python -m kat.train`` for one step; return its exported HF checkpoint folder."""
+def run_stage(step: str, overrides: list[str], out_dir: Path, *, parent_run: str | None, threads: int | None,
+              progress: PipelineProgress | None = None) -> Path:
+    """Run ``python -m kat.train`` for one step; return its exported HF checkpoint folder.
+
+    The child's output goes to ``<step>/stdout.log``; its progress lines, validation results and errors are shown
+    through ``progress`` (a bar in a terminal, plain lines otherwise).
+    """
+    progress = progress or PipelineProgress([step])
     step_dir = out_dir / step
     step_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "kat.train", *overrides, f"hydra.run.dir={step_dir}"]
     env = tracking.child_env(parent_run, threads)
     (step_dir / "command.txt").write_text(" ".join(cmd[1:]) + "\n")
-    log.info(f"[{step}] python -m kat.train {' '.join(overrides)}")
-    t0 = time.time()
-    with (step_dir / "stdout.log").open("w") as f:
+    log.info(f"{progress.label(step)} python -m kat.train {' '.join(overrides)}")
+    with (step_dir / "stdout.log").open("w") as f, progress.watch(step) as show:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         assert proc.stdout is not None
         for line in proc.stdout:
             f.write(line)
             f.flush()
-            if "validation (mode=" in line or "Error" in line or "error:" in line:
-                print(f"  [{step}] {line.rstrip().split(' - ', 1)[-1]}", flush=True)
+            show(line)
         rc = proc.wait()
     if rc != 0:
         raise StepFailed(f"step {step!r} failed (exit {rc}); log: {step_dir / 'stdout.log'}\n"
                          + log_tail(step_dir / "stdout.log"))
     final = step_dir / "checkpoints" / "final"
-    log.info(f"[{step}] done in {time.time() - t0:.0f}s -> {final}")
+    log.info(f"{progress.label(step)} checkpoint: {final}")
     return final
 
 
@@ -314,16 +322,19 @@ def run(cfg: DictConfig, out_dir: Path) -> Path:
     summary: dict[str, dict] = {}
     timings: dict[str, float] = {}
     data_override: list[str] = []  # set by a vote/synth step: later student steps read its JSONL
+    overrides = command_line(cfg)
+    prog = PipelineProgress(steps, *reference_seconds(recipe, steps, overrides, out_dir))
     for step in steps:
         t0 = time.time()
+        prog.begin(step)
         if step == "teacher":
             ckpt["teacher"] = run_stage(step, [*recipe.teacher, *common], out_dir, parent_run=parent,
-                                        threads=cfg.threads)
+                                        threads=cfg.threads, progress=prog)
         elif step == "distill":
             if "teacher" not in ckpt:
                 raise ValueError("recipe.steps: the distill step needs the teacher step before it")
             ckpt["distill"] = run_stage(step, [*recipe.distill, *common, f"teacher.path={ckpt['teacher']}"], out_dir,
-                                        parent_run=parent, threads=cfg.threads)
+                                        parent_run=parent, threads=cfg.threads, progress=prog)
         elif step == "vote":
             if "teacher" not in ckpt:
                 raise ValueError("recipe.steps: the vote step needs the teacher step before it")
@@ -341,14 +352,14 @@ def run(cfg: DictConfig, out_dir: Path) -> Path:
             start = [f"model.path={ckpt['distill']}"] if "distill" in ckpt else []
             ckpt["student"] = ckpt["coldstart"] = run_stage(
                 step, [*recipe.coldstart, *common_for(common, data_override), *generator, *start, *data_override],
-                out_dir, parent_run=parent, threads=cfg.threads)
+                out_dir, parent_run=parent, threads=cfg.threads, progress=prog)
         elif step == "rl":
             if "coldstart" not in ckpt:
                 raise ValueError("recipe.steps: the rl step needs the coldstart step before it")
             ckpt["student"] = ckpt["rl"] = run_stage(
                 step, [*recipe.rl, *common_for(common, data_override), *generator,
                        f"model.path={ckpt['coldstart']}", *data_override], out_dir, parent_run=parent,
-                threads=cfg.threads)
+                threads=cfg.threads, progress=prog)
         elif step == "eval":
             ev = OmegaConf.create({**OmegaConf.to_container(recipe.eval, resolve=True), "seed": cfg.seed,
                                    "operand_digits": shapes})
@@ -359,10 +370,12 @@ def run(cfg: DictConfig, out_dir: Path) -> Path:
         else:
             raise ValueError(f"recipe.steps: unknown step {step!r}")
         timings[step] = time.time() - t0
+        prog.finish(step, timings[step])
 
     path = out_dir / "summary.json"
     path.write_text(json.dumps(summary, indent=2) + "\n")
     report = {"recipe": recipe.name, "steps": steps, "labels": labels, "seconds": timings, "total_seconds": time.time() - t_start,
+              "overrides": [o for o in overrides if not o.lstrip("+~").startswith("hydra.")],
               "checkpoints": {k: str(v) for k, v in ckpt.items()}, "parent_run_id": parent}
     (out_dir / "pipeline_report.json").write_text(json.dumps(report, indent=2) + "\n")
 
@@ -381,6 +394,13 @@ def run(cfg: DictConfig, out_dir: Path) -> Path:
     log.info(f"pipeline finished in {time.time() - t_start:.0f}s; " +
              ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     return path
+
+
+def command_line(cfg: DictConfig) -> list[str]:
+    """The pipeline's command-line overrides (Hydra's, or the composed config's ``hydra`` node in tests)."""
+    if HydraConfig.initialized():
+        return list(HydraConfig.get().overrides.task)
+    return list(OmegaConf.select(cfg, "hydra.overrides.task", default=None) or [])
 
 
 @hydra.main(config_path=CONF_DIR, config_name="pipeline", version_base="1.3")

@@ -260,8 +260,38 @@ class Throughput(L.Callback):
             flops = 6 * n + 6 * cfg.num_hidden_layers * cfg.hidden_size * T
             flops += getattr(pl_module, "teacher_flops_per_token", lambda T: 0)(T)
             out["perf/mfu"] = tps * flops / (self.peak * trainer.world_size)
-        if trainer.global_step % self.every == 0:
-            pl_module.log_dict(out, rank_zero_only=True)
+        if trainer.global_step % self.every == 0 or trainer.global_step >= trainer.max_steps > 0:
+            pl_module.log_dict(out, rank_zero_only=True)  # the last step too (LogLastStep has it logged)
+
+
+class LogLastStep(L.Callback):
+    """The last training step is always logged: Lightning logs every ``trainer.log_every_n_steps``-th step only,
+    so a run shorter than that recorded no ``train/*`` at all, and a longer one ended on an unlogged step unless
+    ``max_steps`` was a multiple of the period.
+
+    On the batches of the last optimizer step (``global_step + 1 == max_steps``) the trainer's period is set to 1,
+    and set back when training ends. List it before ``LearningRateMonitor`` (conf/callbacks/default.yaml) so that
+    the learning rate is logged at that step too. Stages that log through the loggers themselves (RL) are not
+    affected.
+    """
+
+    def __init__(self):
+        self._period: int | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        last = trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step + 1
+        if last and self._period is None and trainer.log_every_n_steps > 1:
+            self._period, trainer.log_every_n_steps = trainer.log_every_n_steps, 1
+
+    def on_train_end(self, trainer, pl_module):
+        self._restore(trainer)
+
+    def on_exception(self, trainer, pl_module, exception):
+        self._restore(trainer)
+
+    def _restore(self, trainer) -> None:
+        if self._period is not None:
+            trainer.log_every_n_steps, self._period = self._period, None
 
 
 def _full_numel(p: torch.Tensor) -> int:
