@@ -53,3 +53,11 @@ def char_tokenizer():
     from kat.models.tokenizer import build_char_tokenizer
 
     return build_char_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def formatted_checkpoint(tmp_path_factory):
+    """An HF folder of a tiny cold start that writes well-formed answers (kat_testing.train_formatted_checkpoint)."""
+    from kat_testing import train_formatted_checkpoint
+
+    return train_formatted_checkpoint(tmp_path_factory.mktemp("formatted") / "coldstart")
