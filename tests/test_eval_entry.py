@@ -85,28 +85,36 @@ def test_eval_block_hand_case():
 
 
 # ------------------------------------------------------------------------------------------- generation
-def test_greedy_records_equal_rollout_evaluate(tiny):
-    """kat.eval's generation + grading is kat.rollout.evaluate's (the definitions of DESIGN.md §4)."""
-    from kat.data import synthetic
-    from kat.eval import complete_and_grade
-    from kat.rollout.evaluate import evaluate
+def test_records_follow_the_definitions(tiny):
+    """One record per completion from greedy generation and the verifiers: mode and well-formedness parsed from
+    the completion text, correct = verifier score >= 1, tokens = generated ids (docs/design.md, "Evaluation")."""
+    from kat import rewards
+    from kat.data import schema, synthetic, templates
+    from kat.models.tokenizer import render_prompt
+    from kat.rollout.evaluate import complete_and_grade
+    from kat.rollout.hf import generate
 
     model, tok = tiny
     items = synthetic.generate(1, seed=0, split="heldout", domains=("science", "general"))
     ours = complete_and_grade(model, tok, items, mode="auto", max_new_tokens=12, batch_size=8)
-    ref, _ = evaluate(model, tok, items, fmt="coldstart", mode="auto", max_new_tokens=12, batch_size=8)
-    assert ours == ref
+    comps = generate(model, tok, [render_prompt(tok, schema.prompt_messages(s)) for s in items], max_new_tokens=12)
+    scores = rewards.grade_batch(items, [c.text for c in comps]).scores
+    assert len(ours) == len(items)
+    for r, s, c, score in zip(ours, items, comps, scores):
+        parsed = templates.parse(c.text)
+        assert (r.level, r.domain, r.mode, r.well_formed) == (s["level"], s["domain"], parsed.mode, parsed.well_formed)
+        assert r.tokens == c.n_tokens and r.truncated == c.truncated
+        assert r.correct == (None if score is None else score >= 1.0)
 
 
 def test_forced_mode_budget_covers_the_whole_completion(tiny):
-    from kat.eval import generate_budgeted
     from kat.models.tokenizer import render_prompt
     from kat.rollout.hf import generate
 
     model, tok = tiny
     prompts = [render_prompt(tok, [{"role": "user", "content": c}]) for c in ("1+2", "47+85", "code: f(x)=x+1+2")]
     for budget in (3, 10, 40):
-        comps = generate_budgeted(model, tok, prompts, max_new_tokens=budget, force_mode="on", max_judge_tokens=8)
+        comps = generate(model, tok, prompts, max_new_tokens=budget, force_mode="on", max_judge_tokens=8)
         assert all(c.n_tokens <= budget for c in comps)
         if budget <= 8:
             continue  # the judge cap shrinks to budget - 1 there; the comparison below needs the same cap

@@ -74,10 +74,10 @@ def test_output_lines_and_resume_after_a_crash(tiny, tmp_path, monkeypatch):
     text = out.read_text().splitlines(keepends=True)
     out.write_text("".join(text[:2]) + text[2][: len(text[2]) // 2])
     calls = []
-    import kat.eval as kev  # run() calls kat.eval.generate_budgeted: count the prompts it is given
+    import kat.rollout.hf as hf_rollout  # run() calls kat.rollout.hf.generate: count the prompts it is given
 
-    orig = kev.generate_budgeted
-    monkeypatch.setattr(kev, "generate_budgeted", lambda m, t, prompts, **k: calls.append(len(prompts)) or
+    orig = hf_rollout.generate
+    monkeypatch.setattr(hf_rollout, "generate", lambda m, t, prompts, **k: calls.append(len(prompts)) or
                         orig(m, t, prompts, **k))
     gen.run(model, tok, cfg)
     assert calls == [2, 1]  # only the 3 missing prompts, in batches of 2

@@ -114,7 +114,7 @@ class ChatSession:
 
     def reply(self, user_text: str):
         """Generate one reply; returns ``(parsed, completion, TurnTokens, seconds)`` and extends the history."""
-        from kat.eval import generate_budgeted
+        from kat.rollout.hf import generate
 
         prompt, n_prompt = self.prompt_for(user_text)
         budget = int(self.cfg.get("max_new_tokens", 512))
@@ -122,7 +122,7 @@ class ChatSession:
             budget = max(1, min(budget, self.context - n_prompt))
         temp = float(self.cfg.get("temperature", 0.0))
         t0 = time.time()
-        comp = generate_budgeted(
+        comp = generate(
             self.model, self.tokenizer, [prompt], max_new_tokens=budget,
             force_mode=None if self.mode == "auto" else self.mode,
             max_judge_tokens=int(self.cfg.get("max_judge_tokens", 64)), do_sample=temp > 0,

@@ -33,18 +33,16 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from kat import metrics, models, rewards, tracking
+from kat import metrics, models, tracking
 from kat.data import directives as directives_mod
-from kat.data import schema, synthetic, templates
+from kat.data import schema, synthetic
 from kat.metrics import Record
-from kat.models.tokenizer import render_prompt
+from kat.rollout.evaluate import FMTS, MODES, complete_and_grade
 from kat.train import CONF_DIR
 from kat.utils import configure_threads, get_logger
 
 log = get_logger(__name__)
 
-MODES = ("auto", "on", "off")
-FMTS = ("coldstart", "distill")
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -80,61 +78,6 @@ def grading_kwargs(reward_cfg: Any) -> dict:
     rc = OmegaConf.to_container(reward_cfg, resolve=True) if isinstance(reward_cfg, DictConfig) else dict(reward_cfg)
     return {"max_workers": int(rc.get("workers", 2)), "timeout_s": float(rc.get("timeout_s", 5.0)),
             "code_cfg": rc.get("code"), "math_cfg": rc.get("math")}
-
-
-# ------------------------------------------------------------------------------------------- generation
-def generate_budgeted(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, force_mode: str | None = None,
-                      max_judge_tokens: int = 64, **kwargs) -> list:
-    """:func:`kat.rollout.hf.generate` with ``max_new_tokens`` as the budget of the *whole* completion, forced
-    modes included (``generate`` gives each row's continuation what its own judge left of the budget)."""
-    from kat.rollout.hf import generate
-
-    if force_mode is None:
-        return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, **kwargs)
-    return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, force_mode=force_mode,
-                    max_judge_tokens=max_judge_tokens, **kwargs)
-
-
-def complete_and_grade(model, tokenizer, samples: Sequence[dict], *, mode: str = "auto", fmt: str = "coldstart",
-                       max_new_tokens: int = 96, max_judge_tokens: int = 64, batch_size: int = 256,
-                       num_samples: int = 1, do_sample: bool = False, temperature: float = 1.0,
-                       top_p: float = 1.0, grading: dict | None = None) -> list[Record]:
-    """Generate ``num_samples`` completions per sample (greedy unless ``do_sample``) and grade them.
-
-    Returns one :class:`Record` per completion, prompt-major (row ``i * num_samples + j``). Greedy with
-    ``num_samples=1`` this is exactly :func:`kat.rollout.evaluate.evaluate` with the verifier settings of
-    the ``reward`` group. ``fmt=distill`` appends the trigger token to the prompt (forced modes only).
-    """
-    if mode not in MODES:
-        raise ValueError(f"mode must be auto, on or off, got {mode!r}")
-    if fmt not in FMTS:
-        raise ValueError(f"eval.fmt must be coldstart or distill, got {fmt!r}")
-    if fmt == "distill" and mode == "auto":
-        raise ValueError("eval.fmt=distill needs forced modes: set eval.mode=on, off or [on,off]")
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    prompts = [render_prompt(tokenizer, schema.prompt_messages(s)) for s in samples]
-    force = None if mode == "auto" else mode
-    if fmt == "distill":
-        prompts = [p + templates.mode_token(mode) for p in prompts]
-        force = None
-    comps = generate_budgeted(model, tokenizer, prompts, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                              temperature=temperature, top_p=top_p, num_return_sequences=num_samples,
-                              batch_size=max(1, batch_size // num_samples), force_mode=force,
-                              max_judge_tokens=max_judge_tokens)
-    rows = [s for s in samples for _ in range(num_samples)]
-    scores = rewards.grade_batch(rows, [c.text for c in comps], **(grading or {})).scores
-    records = []
-    for s, c, score in zip(rows, comps, scores):
-        if fmt == "distill":
-            m, ok = mode, templates.answer_block(c.text) is not None
-        else:
-            p = templates.parse(c.text)
-            m, ok = p.mode, p.well_formed
-        records.append(Record(level=s.get("level"), domain=s.get("domain"), mode=m,
-                              correct=None if score is None else score >= 1.0, tokens=c.n_tokens,
-                              well_formed=ok, truncated=c.truncated))
-    return records
 
 
 def pass_k_summary(samples: Sequence[dict], records: Sequence[Record], *, n: int, k: int) -> dict[str, dict]:

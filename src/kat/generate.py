@@ -129,7 +129,7 @@ def append_records(path: Path, records: list[dict]) -> None:
 
 def run(model, tokenizer, cfg: Any) -> Path:
     """Generate completions for every pending prompt of ``cfg.input`` into ``cfg.output``."""
-    from kat.eval import generate_budgeted
+    from kat.rollout import hf as hf_rollout
     from kat.models.tokenizer import render_prompt
 
     mode = str(cfg.mode)
@@ -156,11 +156,11 @@ def run(model, tokenizer, cfg: Any) -> Path:
     for b in range(0, len(todo), bs):
         chunk = todo[b : b + bs]
         prompts = [render_prompt(tokenizer, it["messages"]) for it in chunk]
-        comps = generate_budgeted(model, tokenizer, prompts, max_new_tokens=int(cfg.max_new_tokens),
-                                  force_mode=forced, max_judge_tokens=int(cfg.max_judge_tokens),
-                                  do_sample=temp > 0, temperature=temp if temp > 0 else 1.0,
-                                  top_p=float(cfg.top_p), num_return_sequences=samples,
-                                  batch_size=max(1, bs // samples))
+        comps = hf_rollout.generate(model, tokenizer, prompts, max_new_tokens=int(cfg.max_new_tokens),
+                                    force_mode=forced, max_judge_tokens=int(cfg.max_judge_tokens),
+                                    do_sample=temp > 0, temperature=temp if temp > 0 else 1.0,
+                                    top_p=float(cfg.top_p), num_return_sequences=samples,
+                                    batch_size=max(1, bs // samples))
         recs = [completion_record(it, j, comps[i * samples + j], forced_mode=forced, samples=samples)
                 for i, it in enumerate(chunk) for j in range(samples)]
         append_records(out, recs)

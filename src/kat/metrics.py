@@ -28,16 +28,16 @@ class Record:
         return asdict(self)
 
 
-def _block(recs: list[Record]) -> dict:
-    n = len(recs)
+def _block(n: float, on: float, correct: float, tokens: float) -> dict:
+    """One summary block from counts: ``n`` graded completions, ``on`` of them think-on, ``correct``, ``tokens``."""
     if n == 0:
         return {"think_on_rate": 0.0, "acc": 0.0, "tokens_mean": 0.0, "n": 0}
-    return {
-        "think_on_rate": sum(r.mode == "on" for r in recs) / n,
-        "acc": sum(bool(r.correct) for r in recs) / n,
-        "tokens_mean": sum(r.tokens for r in recs) / n,
-        "n": n,
-    }
+    return {"think_on_rate": on / n, "acc": correct / n, "tokens_mean": tokens / n, "n": int(n)}
+
+
+def _counts(recs: list[Record]) -> tuple[float, float, float, float]:
+    return (float(len(recs)), float(sum(r.mode == "on" for r in recs)), float(sum(bool(r.correct) for r in recs)),
+            float(sum(r.tokens for r in recs)))
 
 
 def summarize(records: Iterable[Record], key: str = "level") -> dict[str, dict]:
@@ -52,8 +52,34 @@ def summarize(records: Iterable[Record], key: str = "level") -> dict[str, dict]:
         if v is None:
             continue
         groups.setdefault(f"{key}_{v}", []).append(r)
-    out = {k: _block(groups[k]) for k in sorted(groups)}
-    out["all"] = _block(recs)
+    out = {k: _block(*_counts(groups[k])) for k in sorted(groups)}
+    out["all"] = _block(*_counts(recs))
+    return out
+
+
+LEVELS = (1, 2, 3, 4, 5)
+
+
+def level_sums(records: Iterable[Record], device=None):
+    """Per-level counts as a fixed-shape float64 tensor ``[6, 4]`` (rows: levels 1..5, then "no level"; columns:
+    n, think-on, correct, tokens) that ranks can all-reduce; :func:`summary_from_sums` turns it into the summary
+    :func:`summarize` gives for the same records."""
+    import torch
+
+    t = torch.zeros(len(LEVELS) + 1, 4, dtype=torch.float64)
+    for r in records:
+        if r.correct is None:
+            continue
+        row = LEVELS.index(r.level) if r.level in LEVELS else len(LEVELS)
+        t[row] += torch.tensor([1.0, float(r.mode == "on"), float(bool(r.correct)), float(r.tokens)],
+                               dtype=torch.float64)
+    return t if device is None else t.to(device)
+
+
+def summary_from_sums(t) -> dict[str, dict]:
+    """The per-level summary (as :func:`summarize`) of :func:`level_sums` counts, summed over ranks or batches."""
+    out = {f"level_{lv}": _block(*map(float, t[k])) for k, lv in enumerate(LEVELS) if t[k, 0] > 0}
+    out["all"] = _block(*map(float, t.sum(0)))
     return out
 
 

@@ -270,13 +270,13 @@ def evaluate_checkpoint(ckpt: Path, cfg: DictConfig) -> dict:
     from kat import models
     from kat.data import synthetic
     from kat.metrics import summarize
-    from kat.rollout.evaluate import evaluate
+    from kat.rollout.evaluate import complete_and_grade
 
     model, tok = models.load({"path": str(ckpt)})
     samples = synthetic.generate(int(cfg.n_val_per_level), seed=int(cfg.seed), split="heldout",
                                  operand_digits=cfg.get("operand_digits"))
-    records, _ = evaluate(model, tok, samples, fmt="coldstart", mode="auto",
-                          max_new_tokens=int(cfg.max_new_tokens), batch_size=int(cfg.batch_size))
+    records = complete_and_grade(model, tok, samples, fmt="coldstart", mode="auto",
+                                 max_new_tokens=int(cfg.max_new_tokens), batch_size=int(cfg.batch_size))
     return summarize(records)
 
 

@@ -16,7 +16,7 @@ import torch
 
 from kat import metrics
 from kat.models import hf
-from kat.rollout.evaluate import evaluate
+from kat.rollout.evaluate import complete_and_grade
 from kat.stages import fsdp
 from kat.utils import get_logger
 
@@ -113,13 +113,17 @@ class KatStage(L.LightningModule):
 
     def validation_step(self, batch: list[dict], batch_idx: int) -> None:
         for mode in self.val_modes():
-            records, _ = evaluate(
-                self.model, self.tokenizer, batch, fmt=self.val.get("fmt", "coldstart"), mode=mode,
-                max_new_tokens=int(self.val.get("max_new_tokens", 128)),
-                batch_size=int(self.val.get("batch_size", 128)), grade_workers=int(self.val.get("grade_workers", 2)),
-            )
-            sums = _sums(records, self.device)
+            records = self.evaluate(batch, mode)
+            sums = metrics.level_sums(records, self.device)
             self._val_sums[mode] = self._val_sums.get(mode, torch.zeros_like(sums)) + sums
+
+    def evaluate(self, samples: list[dict], mode: str) -> list[metrics.Record]:
+        """Greedy completions of ``samples`` graded (``kat.rollout.evaluate``) with the ``val`` settings."""
+        v = self.val
+        return complete_and_grade(self.model, self.tokenizer, samples, fmt=v.get("fmt", "coldstart"), mode=mode,
+                                  max_new_tokens=int(v.get("max_new_tokens", 128)),
+                                  batch_size=int(v.get("batch_size", 128)),
+                                  grading={"max_workers": int(v.get("grade_workers", 2))})
 
     def on_validation_epoch_end(self) -> None:
         for k, mode in enumerate(self.val_modes()):
@@ -127,7 +131,7 @@ class KatStage(L.LightningModule):
             if sums is None:
                 continue
             sums = self.trainer.strategy.reduce(sums, reduce_op="sum")  # across ranks
-            summary = _summary_from_sums(sums)
+            summary = metrics.summary_from_sums(sums)
             self.last_val[mode] = summary
             prefix = "val" if k == 0 else f"val_{mode}"
             flat = metrics.flat(summary, prefix=prefix)
@@ -193,30 +197,6 @@ def _set_rng(state: dict) -> None:
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-# per-level sums: rows = levels 1..5 + "no level", cols = (n, on, correct, tokens)
-def _sums(records: list[metrics.Record], device) -> torch.Tensor:
-    t = torch.zeros(6, 4, dtype=torch.float64, device=device)
-    for r in records:
-        if r.correct is None:
-            continue
-        row = (r.level - 1) if r.level in (1, 2, 3, 4, 5) else 5
-        t[row] += torch.tensor([1.0, float(r.mode == "on"), float(bool(r.correct)), float(r.tokens)],
-                               dtype=torch.float64, device=device)
-    return t
-
-
-def _summary_from_sums(t: torch.Tensor) -> dict[str, dict]:
-    def block(v: torch.Tensor) -> dict:
-        n = float(v[0])
-        if n == 0:
-            return {"think_on_rate": 0.0, "acc": 0.0, "tokens_mean": 0.0, "n": 0}
-        return {"think_on_rate": float(v[1]) / n, "acc": float(v[2]) / n, "tokens_mean": float(v[3]) / n, "n": int(n)}
-
-    out = {f"level_{k + 1}": block(t[k]) for k in range(5) if t[k, 0] > 0}
-    out["all"] = block(t.sum(0))
-    return out
 
 
 def _fmt(summary: dict[str, dict]) -> str:

@@ -59,9 +59,8 @@ from kat.rewards.step_srpo import (
     segment_ids_from_tokens,
 )
 from kat.rollout import hf as hf_rollout
-from kat.rollout.evaluate import evaluate
 from kat.stages import fsdp
-from kat.stages.base import KatStage, _summary_from_sums, as_dict
+from kat.stages.base import KatStage, as_dict
 from kat.utils import get_logger
 
 log = get_logger(__name__)
@@ -344,7 +343,7 @@ class StepSRPO(KatStage):
             if sums is None:
                 continue
             sums = self.trainer.strategy.reduce(sums, reduce_op="sum")  # across ranks
-            self._publish_val(k, mode, _summary_from_sums(sums))
+            self._publish_val(k, mode, metrics.summary_from_sums(sums))
         self._val_sums = {}
         self._record_val()
 
@@ -373,12 +372,7 @@ class StepSRPO(KatStage):
         sharded = fsdp.is_sharded(self.model) and self.trainer.world_size > 1
         if samples and (self.trainer.is_global_zero or sharded):
             for k, mode in enumerate(self.val_modes()):
-                records, _ = evaluate(
-                    self.model, self.tokenizer, samples, fmt=self.val.get("fmt", "coldstart"), mode=mode,
-                    max_new_tokens=int(self.val.get("max_new_tokens", 128)),
-                    batch_size=int(self.val.get("batch_size", 128)),
-                    grade_workers=int(self.val.get("grade_workers", 2)),
-                )
+                records = self.evaluate(samples, mode)  # the validation path of every stage (KatStage)
                 if self.trainer.is_global_zero:
                     self._publish_val(k, mode, metrics.summarize(records))
             if self.trainer.is_global_zero:
