@@ -30,13 +30,14 @@ set before this module is imported), which is how the tests run on CPU.
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from kat_kernels import interpreter_requested
 
 __all__ = [
     "FusedPolicyLoss",
@@ -47,7 +48,7 @@ __all__ = [
 ]
 
 # Triton decides interpreter mode when the @triton.jit decorators below run, i.e. now.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+_INTERPRET = interpreter_requested()
 
 _SCALES = {"group": 0, "batch": 1, "none": 2}
 _BASELINES = {"mean": False, "loo": True}

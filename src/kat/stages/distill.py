@@ -32,7 +32,6 @@ Logged: ``train/loss``, ``train/ce``, ``train/uld``, ``train/mtp_ce_d{k}``, ``tr
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -45,6 +44,7 @@ from kat.models.teacher import OfflineTeacher, OnlineTeacher, answer_positions, 
 from kat.stages import fsdp
 from kat.stages.base import KatStage, as_dict
 from kat.utils import get_logger
+from kat_kernels import interpreter_requested
 
 log = get_logger(__name__)
 
@@ -73,7 +73,7 @@ def resolve_uld(impl: str, device: torch.device, *, topk: bool) -> tuple[Callabl
 
         return ref.uld_loss_chunked, "torch chunked (kat.losses.uld.uld_loss_chunked)"
     name = "uld_loss_topk" if topk else "uld_loss"
-    can_triton = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    can_triton = device.type == "cuda" or interpreter_requested()
     if impl == "triton" or (impl == "auto" and device.type == "cuda"):
         if not can_triton:
             raise RuntimeError("loss.impl=triton needs CUDA (or TRITON_INTERPRET=1 for the slow interpreter); "
