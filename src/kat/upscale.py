@@ -30,7 +30,7 @@ from kat import tracking
 from kat.data import schema, templates
 from kat.data.datamodule import load_splits
 from kat.models import upscale as up
-from kat.models.hf import _dtype
+from kat.models.hf import torch_dtype
 from kat.models.tokenizer import render_prompt
 from kat.train import CONF_DIR
 from kat.utils import configure_threads, get_logger
@@ -103,7 +103,7 @@ def resolve_device(name: str) -> torch.device:
 
 def analysis_dtype(model_cfg, config: dict) -> torch.dtype:
     """``model.dtype``; for ``auto`` the checkpoint's stored dtype (float32 when unknown)."""
-    dt = _dtype(model_cfg.get("dtype", "float32"))
+    dt = torch_dtype(model_cfg.get("dtype", "float32"))
     if dt != "auto":
         return dt
     stored = config.get("dtype") or config.get("torch_dtype") or "float32"

@@ -28,7 +28,7 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "float16": torch.float16, "fp16": torch.float16, "auto": "auto"}
 
 
-def _dtype(name: str | None):
+def torch_dtype(name: str | None):
     if name is None:
         return None
     try:
@@ -98,7 +98,7 @@ def load(model_cfg: Any, tokenizer=None):
     """Return ``(model, tokenizer)`` for the ``model`` config group (see module docstring)."""
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_cfg)
     path = _get(model_cfg, "path")
-    dtype = _dtype(_get(model_cfg, "dtype", "float32"))
+    dtype = torch_dtype(_get(model_cfg, "dtype", "float32"))
     attn = _get(model_cfg, "attn_implementation", "sdpa")
     if path:
         from transformers import AutoModelForCausalLM

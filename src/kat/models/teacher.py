@@ -140,7 +140,7 @@ def _resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     name = str(name or "auto")
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    dt = hf._dtype(name)
+    dt = hf.torch_dtype(name)
     if dt == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return dt

@@ -27,12 +27,12 @@ class Completion:
         return len(self.token_ids)
 
 
-def _stop_ids(tokenizer) -> list[int]:
+def stop_token_ids(tokenizer) -> list[int]:
     ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(ANSWER_CLOSE)]
     return [i for i in ids if i is not None]
 
 
-def _cut(ids: list[int], stops: set[int], pad_id: int | None) -> tuple[list[int], bool]:
+def cut_at_stop(ids: list[int], stops: set[int], pad_id: int | None) -> tuple[list[int], bool]:
     for k, t in enumerate(ids):
         if t in stops:
             return ids[: k + 1], False
@@ -112,14 +112,14 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
     was_training = model.training
     model.eval()
     try:
-        stops = _stop_ids(tokenizer)
+        stops = stop_token_ids(tokenizer)
         pad = tokenizer.pad_token_id
         p_ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
         if force_mode is None:
             raw = _generate_ids(model, tokenizer, p_ids, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                 temperature=temperature, top_p=top_p, num_return_sequences=num_return_sequences,
                                 stop_ids=stops, batch_size=batch_size)
-            cut = [_cut(r, set(stops), pad) for r in raw]
+            cut = [cut_at_stop(r, set(stops), pad) for r in raw]
         else:
             judge_close = tokenizer.convert_tokens_to_ids(JUDGE_CLOSE)
             forced = tokenizer.convert_tokens_to_ids(mode_token(force_mode))
@@ -129,7 +129,7 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
                                 stop_ids=stops + [judge_close], batch_size=batch_size)
             heads = []
             for r in raw:
-                head, _ = _cut(r, set(stops) | {judge_close}, pad)
+                head, _ = cut_at_stop(r, set(stops) | {judge_close}, pad)
                 if not head or head[-1] != judge_close:  # no judge closed: close it ourselves
                     head = [t for t in head if t not in stops] + [judge_close]
                 heads.append(head + [forced])
@@ -145,7 +145,7 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
                 tails = {k: r[: budgets[k]] for k, r in zip(todo, rest)}
             cut = []
             for k, h in enumerate(heads):
-                tail, trunc = _cut(tails[k], set(stops), pad) if k in tails else ([], True)
+                tail, trunc = cut_at_stop(tails[k], set(stops), pad) if k in tails else ([], True)
                 cut.append((h + tail, trunc))
         return [Completion(text=tokenizer.decode(ids, skip_special_tokens=False), token_ids=ids, truncated=trunc)
                 for ids, trunc in cut]
@@ -422,7 +422,7 @@ def sample(model, tokenizer, prompts: Sequence[str], *, group_size: int, max_new
     was_training = model.training
     model.eval()
     try:
-        stops = _stop_ids(tokenizer)
+        stops = stop_token_ids(tokenizer)
         pad = tokenizer.pad_token_id
         p_ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
         rows_prompt = [p for p in p_ids for _ in range(group_size)]
@@ -431,7 +431,7 @@ def sample(model, tokenizer, prompts: Sequence[str], *, group_size: int, max_new
             raw, lps = _sample_ids(model, tokenizer, p_ids, max_new_tokens=max_new_tokens, temperature=temperature,
                                    top_p=top_p, num_return_sequences=group_size, stop_ids=stops,
                                    batch_size=batch_size, want_logits=want_logits)
-            cut = [_cut(r, set(stops), pad) for r in raw]
+            cut = [cut_at_stop(r, set(stops), pad) for r in raw]
             samp_lp = None if lps is None else [lp[: len(c[0])] for lp, c in zip(lps, cut)]
         else:
             judge_close = tokenizer.convert_tokens_to_ids(JUDGE_CLOSE)
@@ -441,7 +441,7 @@ def sample(model, tokenizer, prompts: Sequence[str], *, group_size: int, max_new
                                    batch_size=batch_size, want_logits=want_logits)
             heads, head_lp = [], []
             for k, r in enumerate(raw):
-                head, _ = _cut(r, set(stops) | {judge_close}, pad)
+                head, _ = cut_at_stop(r, set(stops) | {judge_close}, pad)
                 lp = None if lps is None else list(lps[k][: len(head)])
                 if not head or head[-1] != judge_close:  # the judge did not close: close it ourselves (forced)
                     if force_modes[k] is not None:
@@ -465,7 +465,7 @@ def sample(model, tokenizer, prompts: Sequence[str], *, group_size: int, max_new
                                         num_return_sequences=1, stop_ids=stops, batch_size=batch_size,
                                         want_logits=want_logits)
                 for j, k in enumerate(ks):
-                    tail, trunc = _cut(rest[j], set(stops), pad)
+                    tail, trunc = cut_at_stop(rest[j], set(stops), pad)
                     tails[k] = (tail, trunc, None if rlp is None else list(rlp[j][: len(tail)]))
             cut, samp_lp = [], ([] if want_logits else None)
             for k in range(N):

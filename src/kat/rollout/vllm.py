@@ -36,7 +36,7 @@ from typing import Any, Sequence
 
 import torch
 
-from kat.rollout.hf import LOGPROB_SOURCES, Rollouts, _cut, _stop_ids, response_logprobs
+from kat.rollout.hf import LOGPROB_SOURCES, Rollouts, cut_at_stop, response_logprobs, stop_token_ids
 from kat.utils import get_logger
 
 log = get_logger(__name__)
@@ -159,7 +159,7 @@ class VLLMEngine:
         if logprobs not in LOGPROB_SOURCES:
             raise ValueError(f"logprobs must be one of {LOGPROB_SOURCES}, got {logprobs!r}")
         self.wake_and_push(model)
-        stops = _stop_ids(tokenizer)
+        stops = stop_token_ids(tokenizer)
         params = self._vllm.SamplingParams(
             n=group_size, temperature=temperature, top_p=top_p, top_k=-1 if not self.cfg.get("top_k") else
             int(self.cfg.get("top_k")), max_tokens=max_new_tokens, stop_token_ids=stops,
@@ -178,7 +178,7 @@ class VLLMEngine:
                 stop = c.stop_reason
                 if c.finish_reason == "stop" and isinstance(stop, int) and (not tok or tok[-1] != stop):
                     tok.append(stop)  # keep the stop token in the response, as rollout=hf does
-                cut, _ = _cut(tok, stop_set, None)
+                cut, _ = cut_at_stop(tok, stop_set, None)
                 rows_prompt.append(ids)
                 resp.append(cut)
                 trunc.append(c.finish_reason == "length")
