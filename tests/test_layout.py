@@ -44,3 +44,47 @@ def test_kernels_import_only_torch_and_triton():
     for path in sorted(KERNELS.rglob("*.py")):
         bad = _imports(path) - allowed
         assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}: kat_kernels may import only torch and triton"
+
+
+# The floors (docs/design.md): imports only go down. Entry points → stages (LightningModules) and trainer plumbing
+# → the libraries (losses, rewards, rollout, data, models, tracking, rl, …) → kat_kernels.
+ENTRY = {"train", "pipeline", "eval", "generate", "chat", "synth", "teacher_cache", "upscale", "sweep"}
+TRAINING = {"stages", "trainer", "progress"}
+
+
+def _floor(top: str) -> int:
+    return 2 if top in ENTRY else 1 if top in TRAINING else 0
+
+
+def test_imports_only_go_down():
+    src = ROOT / "src" / "kat"
+    bad = []
+    for path in sorted(src.rglob("*.py")):
+        rel = path.relative_to(src)
+        top = rel.parts[0].removesuffix(".py")
+        if top == "__init__":
+            continue
+        for name in _all_kat_imports(path):
+            parts = name.split(".")
+            if parts[0] == "kat_kernels":
+                if top == "losses":
+                    bad.append(f"{rel} imports {name}: the torch references never import the kernels")
+                continue
+            if parts[0] != "kat" or len(parts) < 2:
+                continue
+            if _floor(parts[1]) > _floor(top):
+                bad.append(f"{rel} imports {name} (a higher floor)")
+    assert not bad, "\n".join(bad)
+
+
+def _all_kat_imports(path: Path) -> set[str]:
+    """Full dotted names of the kat / kat_kernels modules ``path`` imports, at any depth of the file."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.add(node.module)
+            out.update(f"{node.module}.{a.name}" for a in node.names)
+    return {n for n in out if n.split(".")[0] in ("kat", "kat_kernels")}
