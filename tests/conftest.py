@@ -31,12 +31,16 @@ def hydra_clean():
 
 @pytest.fixture
 def compose_cfg(hydra_clean):
-    """compose_cfg(overrides, config_name="train") -> DictConfig with the hydra node set."""
+    """compose_cfg(overrides, config_name="train") -> DictConfig with the hydra node set, checked against the
+    schemas (kat.config: registered at import; kat.config.lightning: trainer and callbacks)."""
     from hydra import compose, initialize_config_dir
+
+    import kat.config
+    import kat.config.lightning  # noqa: F401
 
     def _compose(overrides=(), config_name="train"):
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            return compose(config_name, overrides=list(overrides), return_hydra_config=True)
+            return kat.config.check(compose(config_name, overrides=list(overrides), return_hydra_config=True))
 
     return _compose
 

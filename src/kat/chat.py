@@ -33,7 +33,7 @@ import hydra
 from omegaconf import DictConfig
 
 from kat.data import templates
-from kat.train import CONF_DIR
+from kat.config import CONF_DIR
 
 MODES = ("auto", "on", "off")
 HISTORY = ("answer", "full", "none")

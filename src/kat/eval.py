@@ -38,7 +38,7 @@ from kat.data import directives as directives_mod
 from kat.data import schema, synthetic
 from kat.metrics import Record
 from kat.rollout.evaluate import FMTS, MODES, complete_and_grade
-from kat.train import CONF_DIR
+from kat.config import CONF_DIR
 from kat.utils import configure_threads, get_logger
 
 log = get_logger(__name__)
@@ -229,8 +229,8 @@ def print_table(report: dict) -> None:
 
 def log_mlflow(cfg: DictConfig, report: dict, json_path: Path) -> str | None:
     """A run of its own in ``task_name`` (child of ``$KAT_PARENT_RUN_ID``): params, every metric, the JSON."""
-    lcfg = (cfg.get("logger") or {}).get("mlflow")
-    if not lcfg:
+    lcfg = cfg.logger.mlflow
+    if lcfg is None:
         return None
     flat = flat_metrics(report["results"]["model"], "eval")
     if report["results"].get("compare"):
@@ -277,7 +277,7 @@ def run(cfg: DictConfig) -> Path:
     benches = {n: load_benchmark(s, ev, seed, ev.get("limit")) for n, s in zip(names, specs)}
     grading = grading_kwargs(cfg.reward)
     device = _device(str(ev.device))
-    directive_cfg = cfg.get("directives")
+    directive_cfg = cfg.directives
 
     model, tok = _load(cfg.model, device)
     results = {"model": evaluate_model(model, tok, benches, ev, seed=seed, directive_cfg=directive_cfg,

@@ -30,7 +30,7 @@ import hydra
 from omegaconf import DictConfig
 
 from kat.data import schema, templates
-from kat.train import CONF_DIR
+from kat.config import CONF_DIR
 from kat.utils import get_logger
 
 log = get_logger(__name__)

@@ -9,10 +9,10 @@ checkpoint (``model.path`` passed explicitly). Steps (``recipe.steps``):
   CE + ULD + MTP, both modes per query, trigger token as input);
 * ``coldstart`` the student's cold-start SFT on the judge/mode templates (from the distilled student
   when a ``distill`` step ran);
-* ``vote``      cold-start labels by teacher vote (``labels=vote``, DESIGN.md §4): the teacher step's model
+* ``vote``      cold-start labels by teacher vote (``labels=vote``, docs/design.md §4): the teacher step's model
   answers every training query up to ``k`` times in think-off mode (distill format: prompt + ``<think_off>``,
   sampled at ``vote.temperature``); the label is think-off when at least ``vote.threshold · k`` answers are
-  right (``threshold: 1.0`` = all of them, DESIGN.md's rule), then ``1 %`` of the labels are re-drawn at random.
+  right (``threshold: 1.0`` = all of them, docs/design.md §4), then ``1 %`` of the labels are re-drawn at random.
   The labelled training set and the synthetic held-out split are written as JSONL (``vote/train.jsonl``,
   ``vote/heldout.jsonl``) and the later ``coldstart`` and ``rl`` steps read them with
   ``data=jsonl data.path=… data.val_path=…`` (``common`` overrides of synthetic-only keys such as
@@ -32,7 +32,7 @@ swaps the recipe's labelling step: :func:`resolve_steps`.
 While it runs: the recipe step (``[k/n step]``), the child's progress (:mod:`kat.progress`: a bar in a terminal,
 its lines otherwise), the elapsed time and an ETA scaled from ``recipe.seconds`` or an earlier run's times.
 
-Output: a per-level table (think-on rate, accuracy, mean tokens) and ``summary.json`` (DESIGN.md §4,
+Output: a per-level table (think-on rate, accuracy, mean tokens) and ``summary.json`` (docs/design.md §4,
 contract) whose path is the last line of stdout.
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kat import tracking
 from kat.progress import PipelineProgress, reference_seconds
-from kat.train import CONF_DIR
+from kat.config import CONF_DIR
 from kat.utils import get_logger, log_tail
 
 log = get_logger(__name__)
@@ -126,7 +126,7 @@ def vote_labels(teacher: Path, vcfg: DictConfig, seed: int, out_dir: Path, *,
     For each query of the synthetic training split (``vote.n_train_per_level`` per domain and level), the
     teacher samples up to ``vote.k`` think-off answers (distill format, ``vote.temperature``), graded by
     ``kat.rewards``. With ``need = max(1, ceil(vote.threshold · k))`` (``threshold`` default 1.0: all ``k``,
-    DESIGN.md §4; the paper does not give its rule), the label is ``off`` iff at least ``need`` answers are right.
+    docs/design.md §4; the paper does not give its rule), the label is ``off`` iff at least ``need`` answers are right.
     Sampling stops for a query as soon as its label is decided (``need`` right, or more than ``k − need``
     wrong), so with ``threshold: 1.0`` hard queries cost one generation. Then ``vote.random_mode_rate`` of the
     labels are re-drawn uniformly (seeded). The held-out JSONL is the synthetic held-out split

@@ -13,7 +13,8 @@ safetensors files with a manifest (format: :mod:`kat.models.teacher`, docs/disti
   dtype or data is an error (nothing is mixed).
 * ``cache.backend=hf`` (default; CPU or GPU) runs the teacher with HF transformers.
   ``cache.backend=vllm`` uses vLLM's offline API (``prompt_logprobs=k``, ``max_logprobs >= k``,
-  ``enable_prefix_caching=False``; REFERENCE.md §8). vLLM is an optional GPU extra (``kat[gpu]``),
+  ``enable_prefix_caching=False``: cached prefix blocks return no prompt logprobs; vLLM docs, offline inference).
+  vLLM is an optional GPU extra (``kat[gpu]``),
   not installed on the CPU machines; that path is written against vLLM's documented API and has not
   been run here.
 
@@ -32,7 +33,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kat.models import teacher as T
-from kat.train import CONF_DIR
+from kat.config import CONF_DIR
 from kat.utils import configure_threads, get_logger, git_commit
 
 log = get_logger(__name__)
@@ -40,7 +41,7 @@ log = get_logger(__name__)
 
 def student_rows(model_cfg: Any, tokenizer) -> int:
     """Logit rows of the student the cache is written for (its config's vocab_size, else len(tokenizer))."""
-    path = model_cfg.get("path")
+    path = model_cfg.path
     if path:
         import json
 
@@ -171,7 +172,7 @@ def write(cfg: DictConfig, on_shard: Callable[[int], None] | None = None) -> Pat
         str(c.dtype))
     if dtype is None:
         raise ValueError(f"cache.dtype must be float16 or float32, got {c.dtype!r}")
-    if cfg.teacher.get("kind") == "offline":
+    if cfg.teacher.kind == "offline":
         raise ValueError("kat.teacher_cache needs a model teacher: teacher=tiny (teacher.path=DIR) or teacher=dual")
     backend = str(c.get("backend", "hf"))
     if backend not in ("hf", "vllm"):

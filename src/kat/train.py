@@ -15,13 +15,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+import kat.config.lightning  # noqa: F401  (registers the trainer and callbacks schemas)
 from kat import models, tracking
+from kat.config import CONF_DIR
 from kat.data.datamodule import KatDataModule
 from kat.utils import configure_threads, get_logger
 
 log = get_logger(__name__)
-CONF_DIR = str(Path(__file__).resolve().parent / "conf") if (Path(__file__).resolve().parent / "conf").is_dir() \
-    else str(Path(__file__).resolve().parents[2] / "conf")
 STAGES = ("distill", "coldstart", "rl")
 
 
@@ -31,7 +31,7 @@ def train(cfg: DictConfig) -> float | None:
     L.seed_everything(cfg.seed, workers=True)
 
     model, tokenizer = models.load(cfg.model)
-    datamodule = KatDataModule(cfg.data, tokenizer, stage=cfg.stage.get("data_stage", stage), seed=cfg.seed)
+    datamodule = KatDataModule(cfg.data, tokenizer, stage=stage, seed=cfg.seed)
     module = get_class(cfg.stage.module._target_).from_config(cfg, model, tokenizer)
 
     ckpt = resolve_ckpt_path(cfg)
@@ -52,16 +52,16 @@ def train(cfg: DictConfig) -> float | None:
     if trainer.is_global_zero:
         log.info(f"final checkpoint: {final}")
         for lg in loggers:
-            if isinstance(lg, L.pytorch.loggers.MLFlowLogger) and cfg.logger.mlflow.get("log_checkpoint", True):
+            if isinstance(lg, L.pytorch.loggers.MLFlowLogger) and cfg.logger.mlflow.log_checkpoint:
                 lg.experiment.log_artifacts(lg.run_id, str(final), artifact_path="checkpoint")
-    value = trainer.callback_metrics.get(cfg.get("optimized_metric") or "")
+    value = trainer.callback_metrics.get(cfg.optimized_metric or "")
     return None if value is None else float(value)
 
 
 def require_stage(cfg: DictConfig) -> str:
     """The stage name, or a clear error listing the valid ``+stage=`` values."""
-    stage = cfg.get("stage")
-    if stage is None or stage.get("name") not in STAGES:
+    stage = cfg.stage
+    if stage is None or stage.name not in STAGES:
         raise SystemExit(f"choose a stage: python -m kat.train +stage=<{'|'.join(STAGES)}> [overrides]")
     return stage.name
 
@@ -72,7 +72,7 @@ def build_callbacks(cfg: DictConfig, *, has_logger: bool) -> list:
     for name, c in (cfg.callbacks or {}).items():
         if c is None:
             continue
-        if not has_logger and c.get("_target_", "").endswith("LearningRateMonitor"):
+        if not has_logger and c._target_.endswith("LearningRateMonitor"):
             log.info(f"callbacks.{name}: skipped (no logger)")
             continue
         out.append(instantiate(c))
@@ -102,21 +102,21 @@ def build_loggers(cfg: DictConfig, stage: str, *, resuming: bool = False) -> lis
     The MLflow run id is kept in ``<output_dir>/mlflow_run_id``: a resumed run continues the same run.
     """
     out = []
-    lcfg = cfg.get("logger") or {}
+    lcfg = cfg.logger
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    if lcfg.get("mlflow"):
+    if lcfg.mlflow is not None:
         m = lcfg.mlflow
         id_file = Path(cfg.paths.output_dir) / RUN_ID_FILE
-        run_id = m.get("run_id") or (id_file.read_text().strip() if resuming and id_file.exists() else None)
+        run_id = m.run_id or (id_file.read_text().strip() if resuming and id_file.exists() else None)
         logger = tracking.mlflow_logger(
-            experiment_name=m.experiment_name, stage=stage, tracking_uri_=m.get("tracking_uri"),
-            artifact_location_=m.get("artifact_location"), run_name_=m.get("run_name"), overrides=overrides,
+            experiment_name=m.experiment_name, stage=stage, tracking_uri_=m.tracking_uri,
+            artifact_location_=m.artifact_location, run_name_=m.run_name, overrides=overrides,
             run_id=run_id)
         if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
             id_file.parent.mkdir(parents=True, exist_ok=True)
             id_file.write_text(logger.run_id + "\n")
         out.append(logger)
-    if lcfg.get("csv"):
+    if lcfg.csv is not None:
         out.append(instantiate(lcfg.csv))
     return out
 
@@ -127,7 +127,7 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
 
     An interrupted swap of atomic checkpoints can leave only ``last.ckpt.old``: it is used then.
     """
-    ckpt = cfg.get("ckpt_path")
+    ckpt = cfg.ckpt_path
     if not ckpt:
         return None
     if ckpt in ("auto", "last"):

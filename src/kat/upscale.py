@@ -32,7 +32,7 @@ from kat.data.datamodule import load_splits
 from kat.models import upscale as up
 from kat.models.hf import torch_dtype
 from kat.models.tokenizer import render_prompt
-from kat.train import CONF_DIR
+from kat.config import CONF_DIR
 from kat.utils import configure_threads, get_logger
 
 log = get_logger(__name__)
@@ -43,7 +43,7 @@ COMPLETIONS = ("coldstart", "distill", "response", "none")
 def calibration_text(tokenizer, sample: dict, completion: str = "coldstart") -> str:
     """The chat-template prompt of ``sample`` followed by its reference completion.
 
-    ``coldstart``: ``<judge>…</judge><think_on|off>…<answer>…</answer>`` (DESIGN.md §3) when the sample
+    ``coldstart``: ``<judge>…</judge><think_on|off>…<answer>…</answer>`` (docs/design.md §3) when the sample
     has ``mode`` and ``response`` (and ``thinking`` for mode on); ``distill``: trigger + ``<think>…`` /
     ``<answer>…``; ``response``: the raw response; ``none``: the prompt only. A sample lacking the
     fields a template needs falls back to its raw response, or the prompt alone.
@@ -74,7 +74,7 @@ def calibration_samples(cfg: DictConfig) -> list[dict]:
     if n is not None and int(n) < len(samples):
         samples = random.Random(f"kat-upscale/{cfg.seed}").sample(samples, int(n))
     if not samples:
-        raise ValueError(f"the {calib.split} split of data={cfg.data.get('name')} is empty")
+        raise ValueError(f"the {calib.split} split of data={cfg.data.name} is empty")
     return samples
 
 
@@ -103,7 +103,7 @@ def resolve_device(name: str) -> torch.device:
 
 def analysis_dtype(model_cfg, config: dict) -> torch.dtype:
     """``model.dtype``; for ``auto`` the checkpoint's stored dtype (float32 when unknown)."""
-    dt = torch_dtype(model_cfg.get("dtype", "float32"))
+    dt = torch_dtype(model_cfg.dtype)
     if dt != "auto":
         return dt
     stored = config.get("dtype") or config.get("torch_dtype") or "float32"
@@ -181,20 +181,20 @@ def plot_profile(profile: list[up.LayerSaturation], plan: up.ExpansionPlan, path
 
 def log_mlflow(cfg: DictConfig, profile: list[up.LayerSaturation], report: dict, files: list[Path]) -> str | None:
     """A run of its own in ``logger.mlflow.experiment_name``: params, per-layer metrics, artifacts."""
-    m = (cfg.get("logger") or {}).get("mlflow")
-    if not m:
+    m = cfg.logger.mlflow
+    if m is None:
         return None
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
-    uri = tracking.tracking_uri(m.get("tracking_uri"))
-    tracking.ensure_experiment(m.experiment_name, uri, m.get("artifact_location"))
+    uri = tracking.tracking_uri(m.tracking_uri)
+    tracking.ensure_experiment(m.experiment_name, uri, m.artifact_location)
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     tags = {"kat.stage": "upscale"}
     parent = os.environ.get(tracking.PARENT_ENV)
     if parent:
         tags["mlflow.parentRunId"] = parent
-    run_id = tracking.start_parent_run(m.experiment_name, m.get("run_name") or tracking.run_name("upscale", overrides),
+    run_id = tracking.start_parent_run(m.experiment_name, m.run_name or tracking.run_name("upscale", overrides),
                                        tags=tags, uri=uri)
     client = MlflowClient(tracking_uri=uri)
     params = [Param(k, v) for k, v in tracking.params_from_config(cfg).items()]
@@ -220,7 +220,7 @@ def run(cfg: DictConfig) -> Path:
     t0 = time.time()
     configure_threads()
     u = cfg.upscale
-    if OmegaConf.is_missing(cfg.model, "path") or not cfg.model.get("path"):
+    if OmegaConf.is_missing(cfg.model, "path") or not cfg.model.path:
         raise ValueError("kat.upscale needs a checkpoint: model=hf model.path=DIR (a local HF save_pretrained dir)")
     if OmegaConf.is_missing(u, "target_layers"):
         raise ValueError("set upscale.target_layers=N (the decoder layers after expansion)")
@@ -238,7 +238,7 @@ def run(cfg: DictConfig) -> Path:
     streaming = resolve_streaming(u.streaming, src)
     device = resolve_device(str(u.device))
     dtype = analysis_dtype(cfg.model, config)
-    attn = cfg.model.get("attn_implementation", "sdpa")
+    attn = cfg.model.attn_implementation
 
     from transformers import AutoTokenizer
 
@@ -286,7 +286,7 @@ def run(cfg: DictConfig) -> Path:
         "device": str(device),
         "n_parameters_before": int(n_params_before),
         "n_parameters_after": int(n_params),
-        "calibration": {"data": cfg.data.get("name"), "split": u.calib.split, "n_samples": len(texts),
+        "calibration": {"data": cfg.data.name, "split": u.calib.split, "n_samples": len(texts),
                         "n_tokens": n_tokens, "completion": u.calib.completion,
                         "max_length": int(u.calib.max_length)},
         "seconds": {"analysis": round(t_analysis, 3), "expansion": round(t_expand, 3),

@@ -71,11 +71,14 @@ def _dm(cfg, tok, stage="coldstart"):
 
 
 LOADER = {"template": None, "modes": "label", "batch_size": 4, "val_batch_size": 8, "val_limit": None,
-          "max_length": 256, "on_overlong": "error", "num_workers": 0}
+          "max_length": 256, "on_overlong": "error", "num_workers": 0, "directives": None}
+# every field of data=synthetic (the datamodule reads them all: conf/data/synthetic.yaml holds the values)
+SYNTH = {"name": "synthetic", "labels": "generator", "off_share": [0.5, 0, 0, 0, 0], "random_mode_rate": 0.01,
+         "operand_digits": None}
 
 
 def test_synthetic_datamodule(char_tokenizer):
-    dm = _dm({**LOADER, "name": "synthetic", "n_train_per_level": 3, "n_val_per_level": 2,
+    dm = _dm({**LOADER, **SYNTH, "n_train_per_level": 3, "n_val_per_level": 2,
               "domains": ["math", "code"], "labels": "generator", "off_share": [0.5, 0, 0, 0, 0],
               "random_mode_rate": 0.01}, char_tokenizer)
     assert len(dm.train_set) == 2 * 5 * 3
@@ -87,7 +90,7 @@ def test_synthetic_datamodule(char_tokenizer):
 
 def test_synthetic_datamodule_reads_operand_digits(char_tokenizer):
     shapes = [[1, 1], [2, 1], [2, 2], [3, 3], [4, 4, 4]]
-    dm = _dm({**LOADER, "name": "synthetic", "n_train_per_level": 2, "n_val_per_level": 1, "domains": ["math"],
+    dm = _dm({**LOADER, **SYNTH, "n_train_per_level": 2, "n_val_per_level": 1, "domains": ["math"],
               "labels": "generator", "operand_digits": shapes}, char_tokenizer)
     level5 = [s for s in dm.val_samples if s["level"] == 5]
     assert level5 and all(len(S.operands(s)) == 3 for s in level5)
@@ -104,7 +107,7 @@ def test_jsonl_datamodule_and_errors(char_tokenizer, tmp_path):
     with pytest.raises(ValueError, match=f"{bad}:2: missing field 'mode'"):
         _dm({**LOADER, "name": "jsonl", "path": str(bad), "val_path": None, "val_fraction": 0.0}, char_tokenizer)
     with pytest.raises(ValueError, match="data.path"):
-        _dm({**LOADER, "name": "jsonl", "path": None}, char_tokenizer)
+        _dm({**LOADER, "name": "jsonl", "path": None, "val_path": None, "val_fraction": 0.0}, char_tokenizer)
 
 
 def test_mix_meets_target_shares():

@@ -243,9 +243,16 @@ def test_uld_implementation_choice(monkeypatch):
         resolve_uld("chunked", torch.device("cpu"), topk=True)
 
 
-def test_bad_loss_settings_are_errors(char_tokenizer):
-    with pytest.raises(ValueError, match="unknown loss settings"):
-        _module(char_tokenizer, depth=1, loss={**LOSS, "w_kd": 1.0})
+def test_bad_loss_settings_are_errors(char_tokenizer, compose_cfg):
+    from hydra.errors import ConfigCompositionException
+
+    from kat.config import SchemaError
+
+    # an unknown loss setting fails when the config is composed (kat.config.schemas.DistillLossConfig)
+    with pytest.raises(SchemaError, match="loss.w_kd"):
+        compose_cfg(["+stage=distill", "+loss.w_kd=1.0"])
+    with pytest.raises(ConfigCompositionException, match="loss.w_ce"):
+        compose_cfg(["+stage=distill", "loss.w_ce=heavy"])
     with pytest.raises(ValueError, match="teacher_temperature"):
         _module(char_tokenizer, depth=1, loss={**LOSS, "teacher_temperature": 0.0})
 

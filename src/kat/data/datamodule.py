@@ -47,32 +47,31 @@ class Splits:
 
 # --------------------------------------------------------------------------------------------- sources
 def _label_policy(cfg: Any) -> synthetic.LabelPolicy:
-    return synthetic.LabelPolicy(off_share=tuple(cfg.get("off_share", (0.5, 0, 0, 0, 0))),
-                                 random_mode_rate=float(cfg.get("random_mode_rate", 0.01)))
+    return synthetic.LabelPolicy(off_share=tuple(cfg["off_share"]), random_mode_rate=float(cfg["random_mode_rate"]))
 
 
 def _synthetic(cfg: Any, seed: int) -> Splits:
-    if cfg.get("labels", "generator") != "generator":
+    if cfg["labels"] != "generator":
         raise ValueError(
-            f"data.labels={cfg.get('labels')!r}: data=synthetic generates 'generator' labels only; vote/synth "
+            f"data.labels={cfg['labels']!r}: data=synthetic generates 'generator' labels only; vote/synth "
             "labels are written to a JSONL file by kat.pipeline or kat.synth and read with data=jsonl"
         )
     sp = synthetic.splits(
         int(cfg.n_train_per_level), int(cfg.n_val_per_level), seed=seed,
-        domains=tuple(cfg.domains), labels=_label_policy(cfg), operand_digits=cfg.get("operand_digits"),
+        domains=tuple(cfg.domains), labels=_label_policy(cfg), operand_digits=cfg["operand_digits"],
     )
     return Splits(sp.train, sp.val)
 
 
 def _jsonl(cfg: Any, seed: int, stage: str) -> Splits:
-    if not cfg.get("path"):
+    if not cfg["path"]:
         raise ValueError("data=jsonl needs data.path=FILE (a JSONL or Parquet file in the sample schema)")
     need = {"coldstart": "coldstart", "distill": "distill", "teacher": "teacher", "rl": "rl"}.get(stage, "any")
     train = schema.load_samples(cfg.path, need)
-    if cfg.get("val_path"):
+    if cfg["val_path"]:
         val = schema.load_samples(cfg.val_path, "eval")
     else:
-        frac = float(cfg.get("val_fraction", 0.0))
+        frac = float(cfg["val_fraction"])
         if not 0.0 <= frac < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {frac}")
         order = list(range(len(train)))
@@ -90,7 +89,7 @@ def _jsonl(cfg: Any, seed: int, stage: str) -> Splits:
 
 def load_splits(cfg: Any, stage: str, seed: int) -> Splits:
     """Train and held-out samples for ``data`` config ``cfg``."""
-    name = cfg.get("name")
+    name = cfg["name"]
     if name == "synthetic":
         return _synthetic(cfg, seed)
     if name == "jsonl":
@@ -101,12 +100,12 @@ def load_splits(cfg: Any, stage: str, seed: int) -> Splits:
             kind = src.get("name")
             if kind not in ("synthetic", "jsonl"):
                 raise ValueError(f"data.sources[{k}].name must be synthetic or jsonl, got {kind!r}")
-            sub = dict(cfg.synthetic) if kind == "synthetic" else {"val_fraction": 0.0}
+            sub = dict(cfg.synthetic) if kind == "synthetic" else {"val_path": None, "val_fraction": 0.0}
             sub.update({key: v for key, v in src.items() if key != "weight"})
             sp = load_splits(sub, stage, seed)
             sources.append((f"{k}:{kind}", sp.train, float(src.get("weight", 1.0))))
             vals.extend(sp.val)
-        targets = {axis: (dict(v) if v else None) for axis, v in (cfg.get("shares") or {}).items()}
+        targets = {axis: (dict(v) if v else None) for axis, v in cfg.shares.items()}
         train, realised = mixing.mix(sources, size=int(cfg.size), targets=targets, seed=seed)
         for axis, sh in realised.items():
             log.info(f"data mix realised {axis} shares: " + ", ".join(f"{k}={v:.3f}" for k, v in sh.items()))
@@ -239,7 +238,7 @@ class KatDataModule(L.LightningDataModule):
     def __init__(self, cfg: Any, tokenizer, stage: str, seed: int):
         super().__init__()
         self.cfg, self.tokenizer, self.stage, self.seed = cfg, tokenizer, stage, seed
-        self.template = cfg.get("template") or STAGE_TEMPLATES.get(stage, "coldstart")
+        self.template = cfg.template or STAGE_TEMPLATES.get(stage, "coldstart")
         self.splits: Splits | None = None
         self.train_set: ListDataset | None = None
 
@@ -249,14 +248,14 @@ class KatDataModule(L.LightningDataModule):
         self.splits = load_splits(self.cfg, self.stage, self.seed)
         # user-guided mode switching (kat.data.directives): a no-op unless data.directives lists this stage
         self.splits.train = directives.for_training(
-            self.splits.train, self.cfg.get("directives"), stage=self.stage, template=self.template,
-            modes=self.cfg.get("modes", "label"), seed=self.seed, tokenizer=self.tokenizer)
+            self.splits.train, self.cfg.directives, stage=self.stage, template=self.template,
+            modes=self.cfg.modes, seed=self.seed, tokenizer=self.tokenizer)
         if self.template == "prompt":
             self.train_set = ListDataset(self.splits.train)
         else:
             self.train_set = ListDataset(build_examples(
-                self.tokenizer, self.splits.train, template=self.template, modes=self.cfg.get("modes", "label"),
-                max_length=int(self.cfg.max_length), on_overlong=self.cfg.get("on_overlong", "error"),
+                self.tokenizer, self.splits.train, template=self.template, modes=self.cfg.modes,
+                max_length=int(self.cfg.max_length), on_overlong=self.cfg.on_overlong,
             ))
         log.info(f"data: {len(self.train_set)} training examples ({self.template} template), "
                  f"{len(self.splits.val)} held-out samples")
@@ -264,7 +263,7 @@ class KatDataModule(L.LightningDataModule):
     @property
     def val_samples(self) -> list[dict]:
         assert self.splits is not None, "call setup() first"
-        n = self.cfg.get("val_limit")
+        n = self.cfg.val_limit
         return self.splits.val if not n else self.splits.val[: int(n)]
 
     def train_dataloader(self) -> DataLoader:
@@ -284,8 +283,8 @@ class KatDataModule(L.LightningDataModule):
                 sampler.resume_at(epoch, skip * bs)
                 log.info(f"data: resuming at epoch {epoch}, batch {skip} of {per_epoch}", rank_all=False)
         return DataLoader(self.train_set, batch_size=bs, sampler=sampler, collate_fn=collate,
-                          num_workers=int(self.cfg.get("num_workers", 0)), drop_last=True)
+                          num_workers=int(self.cfg.num_workers), drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(ListDataset(self.val_samples), batch_size=int(self.cfg.get("val_batch_size", 256)),
+        return DataLoader(ListDataset(self.val_samples), batch_size=int(self.cfg.val_batch_size),
                           shuffle=False, collate_fn=list_collate)

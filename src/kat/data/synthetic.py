@@ -18,7 +18,7 @@ e.g. three 4-digit operands at level 5). A tiny model answers levels 1–2 direc
 reliably only by writing the column sums out: the think-on trace is that column-by-column computation,
 least significant column first, ending with the total (``7+5=12;4+8+1=13;=132``).
 
-Mode labels (``labels="generator"``): think-off with probability ``off_share[level-1]`` (DESIGN.md §4
+Mode labels (``labels="generator"``): think-off with probability ``off_share[level-1]`` (docs/design.md §4
 default: half of level 1, nothing above: the cold-start model over-thinks, as the paper's does), then a
 random mode for ``random_mode_rate`` of the items. ``labels="vote"`` replaces them with the teacher's
 majority vote (kat.pipeline).
@@ -45,7 +45,7 @@ def _operand(rng: random.Random, digits: int) -> int:
 def level_digits(operand_digits: Sequence[Sequence[int]] | None = None) -> dict[int, tuple[int, ...]]:
     """``{level: digits of each operand}`` from ``data.operand_digits`` (5 lists, levels 1..5; None = default).
 
-    Accepts plain lists and config nodes alike (callers pass ``cfg.get("operand_digits")`` as it is).
+    Accepts plain lists and config nodes alike (callers pass ``cfg.operand_digits`` as it is).
     """
     if operand_digits is None:
         return dict(LEVEL_DIGITS)
@@ -120,7 +120,7 @@ def make_item(domain: str, level: int, ops: Sequence[int], rng: random.Random) -
 
 @dataclass
 class LabelPolicy:
-    """How the generator assigns cold-start modes (DESIGN.md §4)."""
+    """How the generator assigns cold-start modes (docs/design.md §4)."""
 
     off_share: Sequence[float] = (0.5, 0.0, 0.0, 0.0, 0.0)  # P(think-off) for levels 1..5
     random_mode_rate: float = 0.01  # share of items whose mode is then re-drawn uniformly

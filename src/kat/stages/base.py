@@ -40,7 +40,8 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: 
 
 
 class KatStage(L.LightningModule):
-    """Base class: ``optim`` (dict), ``val`` (dict: fmt, modes, max_new_tokens, batch_size)."""
+    """Base class: ``optim`` (dict: every ``optim.*`` key), ``val`` (dict: every ``stage.module.val.*`` key; typed by
+    kat.config.schemas.OptimConfig and ValConfig)."""
 
     def __init__(self, model, tokenizer, *, optim: dict, val: dict):
         super().__init__()
@@ -98,18 +99,18 @@ class KatStage(L.LightningModule):
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
         opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": float(o.get("weight_decay", 0.0))},
+            [{"params": decay, "weight_decay": float(o["weight_decay"])},
              {"params": no_decay, "weight_decay": 0.0}],
-            lr=float(o["lr"]), betas=tuple(o.get("betas", (0.9, 0.95))), eps=float(o.get("eps", 1e-8)),
+            lr=float(o["lr"]), betas=tuple(o["betas"]), eps=float(o["eps"]),
         )
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else 10**9
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(
-            o.get("schedule", "cosine"), int(o.get("warmup_steps", 0)), total, float(o.get("min_lr_ratio", 0.1))))
+            o["schedule"], int(o["warmup_steps"]), total, float(o["min_lr_ratio"])))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ------------------------------------------------------------------ validation
     def val_modes(self) -> list[str]:
-        return list(self.val.get("modes", ["auto"]))
+        return list(self.val["modes"])
 
     def validation_step(self, batch: list[dict], batch_idx: int) -> None:
         for mode in self.val_modes():
@@ -120,10 +121,9 @@ class KatStage(L.LightningModule):
     def evaluate(self, samples: list[dict], mode: str) -> list[metrics.Record]:
         """Greedy completions of ``samples`` graded (``kat.rollout.evaluate``) with the ``val`` settings."""
         v = self.val
-        return complete_and_grade(self.model, self.tokenizer, samples, fmt=v.get("fmt", "coldstart"), mode=mode,
-                                  max_new_tokens=int(v.get("max_new_tokens", 128)),
-                                  batch_size=int(v.get("batch_size", 128)),
-                                  grading={"max_workers": int(v.get("grade_workers", 2))})
+        return complete_and_grade(self.model, self.tokenizer, samples, fmt=v["fmt"], mode=mode,
+                                  max_new_tokens=int(v["max_new_tokens"]), batch_size=int(v["batch_size"]),
+                                  grading={"max_workers": int(v["grade_workers"])})
 
     def on_validation_epoch_end(self) -> None:
         for k, mode in enumerate(self.val_modes()):
@@ -207,7 +207,7 @@ def _fmt(summary: dict[str, dict]) -> str:
 class Throughput(L.Callback):
     """Logs ``perf/tokens_per_s`` (non-padding input tokens per second, all ranks) and, on GPU, ``perf/mfu``.
 
-    MFU = tokens/s × FLOPs per token / peak (DESIGN.md §6): FLOPs per token = 6·N + 6·L·d·T for the
+    MFU = tokens/s × FLOPs per token / peak (docs/design.md §6): FLOPs per token = 6·N + 6·L·d·T for the
     trained model, plus 2·N_t + 2·L_t·d_t·T for a teacher forward (``module.teacher_flops_per_token``).
     """
 

@@ -9,7 +9,7 @@ Loss per batch (all weights and temperatures under ``loss.*``)::
   and the KD mask is exactly the label mask). N rows per batch.
 * Depth 0 (main head) at row p predicts ``t_{p+1}``; CE against it, ULD against the teacher's row p.
 * Depth k at student position i = p − k predicts ``t_{i+k+1} = t_{p+1}``: the same target, and the
-  teacher row ``i+k = p`` (same tokenizer). This is the "roll + rolled mask" of REFERENCE.md §2
+  teacher row ``i+k = p`` (same tokenizer). This is the "roll + rolled mask" of Megatron-LM's MTP (docs/distill.md §2)
   written as an index shift; rows with p − k < 0 are dropped (never happens with a ≥ k-token prompt).
 * A teacher with another tokenizer (online kinds) is paired per example by kat.data.align (character
   offsets by default): CE_k still covers every row, ULD_k the aligned pairs of depth k (student row
@@ -48,8 +48,9 @@ from kat_kernels import interpreter_requested
 
 log = get_logger(__name__)
 
-LOSS_DEFAULTS = {"w_ce": 1.0, "w_uld": 1.5, "student_temperature": 1.0, "teacher_temperature": 1.0,
-                 "mtp_lambda": 0.3, "mtp_lambda_final": 0.1, "mtp_lambda_switch": 0.7}
+#: the ``loss.*`` settings of the stage (values: conf/stage/distill.yaml; types: kat.config.schemas.DistillLossConfig)
+LOSS_KEYS = ("w_ce", "w_uld", "student_temperature", "teacher_temperature", "mtp_lambda", "mtp_lambda_final",
+             "mtp_lambda_switch")
 
 
 def resolve_uld(impl: str, device: torch.device, *, topk: bool) -> tuple[Callable, str]:
@@ -100,14 +101,11 @@ class Distill(KatStage):
     ``self.teacher`` (online/dual/offline; not an nn.Module: never trained, never checkpointed)."""
 
     def __init__(self, model, tokenizer, *, optim: dict, val: dict, teacher, mtp: mtp_lib.MTPHeads | None,
-                 loss: dict, impl: str = "auto"):
+                 loss: dict, impl: str):
         super().__init__(model, tokenizer, optim=optim, val=val)
         self.mtp = mtp
         self.teacher = teacher
-        unknown = set(loss) - set(LOSS_DEFAULTS) - {"impl"}
-        if unknown:
-            raise ValueError(f"unknown loss settings {sorted(unknown)}; known: {sorted(LOSS_DEFAULTS)}")
-        self.loss_cfg = {**LOSS_DEFAULTS, **{k: v for k, v in loss.items() if k != "impl"}}
+        self.loss_cfg = {k: loss[k] for k in LOSS_KEYS}
         for key in ("student_temperature", "teacher_temperature"):
             if float(self.loss_cfg[key]) <= 0:
                 raise ValueError(f"loss.{key} must be > 0, got {self.loss_cfg[key]}")
@@ -121,13 +119,13 @@ class Distill(KatStage):
     @classmethod
     def from_config(cls, cfg, model, tokenizer) -> "Distill":
         m = cfg.stage.module
-        depth = int(cfg.model.get("mtp_depth", 0) or 0)
-        heads = mtp_lib.build_heads(model, depth, cfg.model.get("path"))
+        depth = int(cfg.model.mtp_depth)
+        heads = mtp_lib.build_heads(model, depth, cfg.model.path)
         rows = model.get_output_embeddings().weight.shape[0]
         teacher = build_teacher(cfg.teacher, tokenizer, student_rows=rows)
-        loss = as_dict(cfg.get("loss") or {})
+        loss = as_dict(cfg.loss)
         module = cls(model, tokenizer, optim=as_dict(cfg.optim), val=as_dict(m.val), teacher=teacher, mtp=heads,
-                     loss=loss, impl=str(loss.get("impl", "auto")))
+                     loss=loss, impl=str(loss["impl"]))
         log.info(f"Distill: {describe(teacher)}; MTP depth {depth}; loss {module.loss_cfg}")
         return module
 

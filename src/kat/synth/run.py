@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from kat.config import CONF_DIR  # the Hydra tree (kat.config imports neither torch nor lightning)
 from kat.data import schema, synthetic
 from kat.synth import assemble as asm
 from kat.utils import log_tail
@@ -35,9 +36,6 @@ from kat.synth.steps import ORDER, STEP_CLASSES, Context
 log = logging.getLogger(__name__)  # plain logging: kat.utils would import lightning (slow start-up)
 
 LABEL_FIELDS = ("mode", "judge", "thinking", "response")
-# the Hydra tree (as kat.train.CONF_DIR; not imported from there: kat.train pulls in lightning)
-_HERE = Path(__file__).resolve()
-CONF_DIR = str(_HERE.parents[1] / "conf") if (_HERE.parents[1] / "conf").is_dir() else str(_HERE.parents[3] / "conf")
 
 
 class SynthFailed(RuntimeError):
@@ -350,7 +348,7 @@ def print_report(report: Mapping[str, Any]) -> None:
 
 def log_mlflow(cfg: DictConfig, report: Mapping[str, Any], report_path: Path) -> str | None:
     """An MLflow run of its own (params = the config with secrets redacted, metrics = the report's numbers)."""
-    m = (cfg.get("logger") or {}).get("mlflow")
+    m = cfg.logger.mlflow
     if not m:
         return None
     from kat import tracking
