@@ -59,7 +59,7 @@ per step / step time (rollout: generated tokens); peak memory = ``torch.cuda.max
 the case started (models, optimizer state and activations; "–" on CPU). The script sets
 ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` unless the environment already sets it.
 
-MFU (kat.stages.base.Throughput, DESIGN.md §6) = tokens/s × FLOPs per token / peak, peak ``--peak-tflops``
+MFU (kat.stages.base.Throughput, docs/design.md §6) = tokens/s × FLOPs per token / peak, peak ``--peak-tflops``
 (989 TFLOP/s dense bf16, H100/H200); FLOPs per token = 6·N + 6·L·d·T for the trained model (N = trainable
 parameters, embeddings and head included, tied weights once, MTP heads included; L layers, d hidden size,
 T sequence length) + 2·N_t + 2·L_t·d_t·T for the teacher forward (``Distill.teacher_flops_per_token``).
@@ -200,7 +200,7 @@ def n_trainable(params) -> int:
 
 
 def train_flops_per_token(n: int, arch: dict, T: int) -> float:
-    """6·N + 6·L·d·T (DESIGN.md §6)."""
+    """6·N + 6·L·d·T (docs/design.md §6)."""
     return 6.0 * n + 6.0 * arch["num_hidden_layers"] * arch["hidden_size"] * T
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's checks, in priority order, each under its own time limit, everything logged under $OUT.
-# Run on the GPU machine from the project root (see ../shared/device/README.md for the wheelhouse):
+# Run on the GPU machine from the project root (with ./.whl for an offline machine: docs/benchmarks.md,
+# "Running on a GPU machine without network"):
 #   OUT=/tmp/out scripts/device_check.sh
 # Steps: install kat from the wheelhouse; GPU-marked tests (kernels at full size, CUDA paths); ULD, GRPO and
 # train-step benchmarks (tables in $OUT/*.md).

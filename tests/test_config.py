@@ -50,7 +50,7 @@ KEY_LINE = re.compile(r"^\s*(- )?(?!_target_:|defaults:)[A-Za-z_][\w.@/-]*\s*:")
 
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(CONF)) for p in CONF.rglob("*.yaml")))
 def test_every_field_has_a_comment(path):
-    """DESIGN.md §2: every config field carries a one-line comment."""
+    """docs/design.md §2: every config field carries a one-line comment."""
     lines = (CONF / path).read_text().splitlines()
     missing = []
     for no, line in enumerate(lines, 1):

@@ -313,7 +313,7 @@ KEY_LINE = re.compile(r"^\s*(- )?(?!_target_:|defaults:)[A-Za-z_][\w.@/-]*\s*:")
 
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(SWEEPS)) for p in SWEEPS.rglob("*.yaml")))
 def test_every_sweep_field_has_a_comment(path):
-    """DESIGN.md §2: every config field carries a one-line comment (as conf/ in tests/test_config.py)."""
+    """docs/design.md §2: every config field carries a one-line comment (as conf/ in tests/test_config.py)."""
     lines = (SWEEPS / path).read_text().splitlines()
     missing = [f"{path}:{no}: {line.strip()}" for no, line in enumerate(lines, 1)
                if KEY_LINE.match(line) and "#" not in line and not line.strip().startswith("#")]

@@ -1,4 +1,4 @@
-"""Summary metrics over graded completions (DESIGN.md §4, §6).
+"""Summary metrics over graded completions (docs/design.md §4, §6).
 
 * ``think_on_rate`` = completions whose mode is "on" / all completions (malformed ones count in the
   denominator);

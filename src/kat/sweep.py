@@ -1,5 +1,5 @@
 """Hydra multirun ↔ MLflow: one parent run per sweep, one child run per job (registered in conf/train.yaml as
-``hydra.callbacks.mlflow_sweep``; REFERENCE.md §9–10).
+``hydra.callbacks.mlflow_sweep``; Hydra's Callback API, MLflow's ``mlflow.parentRunId`` tag; docs/design.md §6).
 
 ``python -m kat.train -m +stage=rl +sweep=reward_weights`` (or any ``-m`` command line) goes through
 :class:`MLflowSweepCallback`:

@@ -22,7 +22,7 @@ With both sides sorted, one kernel walks the ranks (loss, ⟨p, g⟩ partial sum
 a second one writes the gradient ``dz_j = p_j (g_j − ⟨p, g⟩) / τ_S`` back to each student column j through
 the sorted index (the gradient of the softmax composed with the sorted L1; 0 at exact ties, like
 ``torch.abs``). Rows are processed in chunks so that the sort scratch stays below ``SCRATCH_BYTES``; no
-N×V softmax, sort or index tensor is ever allocated. The histogram estimator suggested in REFERENCE §1.5
+N×V softmax, sort or index tensor is ever allocated. The histogram estimator of docs/uld.md §4.1
 was evaluated first and rejected: it fails the accuracy contract on flat or near-identical rows (see docs).
 
 Memory: the forward allocates the student-logit gradient (N × V_S, the student dtype) when the student

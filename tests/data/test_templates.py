@@ -1,4 +1,4 @@
-"""Templates and the parser (DESIGN.md §3)."""
+"""Templates and the parser (docs/design.md §3)."""
 from __future__ import annotations
 
 import pytest

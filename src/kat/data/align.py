@@ -8,7 +8,7 @@ token i + 1. If the answer starts at sequence index ``answer_start`` (its first 
 ``input_ids[answer_start]``), then answer token k (0-based) is predicted by row ``answer_start − 1 + k``.
 Every function here returns rows that *predict* the paired tokens, on both sides. TRL GOLD's "observed"
 merge strategy sliced the logits at the answer positions themselves (row ``answer_start + k``), i.e. the
-distribution of the token *after* the one it pairs (REFERENCE §1.4); the tests in tests/data/test_align.py
+distribution of the token *after* the one it pairs (docs/uld.md §3); the tests in tests/data/test_align.py
 check the shift with an oracle next-token model and with identical tokenizers.
 
 Two alignments:
@@ -30,11 +30,11 @@ Two alignments:
   character's bytes, so such a pair may compare two different byte continuations; both are near one-hot
   and their ULD is then ≈ 0, so this is harmless.
 
-MTP depth k (REFERENCE §2): the student's depth-k head at row i predicts token i + k + 1, so the student row
-that predicts the same token is ``main_row − k`` (the teacher row is unchanged); pairs whose student row would
-be negative are dropped. With one tokenizer this is the rule "student row i ↔ teacher row i + k". (REFERENCE
-words the cross-tokenizer case as "shifted by k groups"; shifting rows by k tokens is exact for the paired
-tokens, whereas a k-group shift pairs different text when groups hold several tokens.)
+MTP depth k (DeepSeek-V3, arXiv 2412.19437): the student's depth-k head at row i predicts token i + k + 1, so
+the student row that predicts the same token is ``main_row − k`` (the teacher row is unchanged); pairs whose
+student row would be negative are dropped. With one tokenizer this is the rule "student row i ↔ teacher row
+i + k". (A cross-tokenizer rule could shift by k alignment groups instead; shifting rows by k tokens is exact
+for the paired tokens, whereas a k-group shift pairs different text when groups hold several tokens.)
 
 The core functions take plain token offsets, so they work with any tokenizer; :func:`align_answer` is a
 convenience wrapper for HF *fast* tokenizers (``return_offsets_mapping=True``).

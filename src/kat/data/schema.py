@@ -1,4 +1,4 @@
-"""The sample schema (DESIGN.md §3, contract) and whole-file validation.
+"""The sample schema (docs/design.md §3, contract) and whole-file validation.
 
 One JSON object per line. Always required: ``id`` (str or int) and ``messages`` (a non-empty list of
 ``{"role", "content"}`` whose last entry is from the user). Optional everywhere:

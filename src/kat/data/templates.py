@@ -1,6 +1,6 @@
 """Special tokens, response templates and the parser for kat's adaptive-thinking format.
 
-The targets (DESIGN.md §3, contract):
+The targets (docs/design.md §3, contract):
 
 * think-on:  ``<judge>{judge}</judge><think_on><think>{thinking}</think><answer>{response}</answer>``
 * think-off: ``<judge>{judge}</judge><think_off><answer>{response}</answer>``
@@ -100,7 +100,7 @@ def _between(text: str, open_tag: str, close_tag: str) -> str | None:
 
 
 def parse(completion: str) -> Parsed:
-    """Split a completion into judge, mode, thinking and answer (DESIGN.md §3, contract).
+    """Split a completion into judge, mode, thinking and answer (docs/design.md §3, contract).
 
     Lenient on what it extracts (a truncated think-on completion still yields judge and mode),
     strict on ``well_formed``: judge block (if any), then mode token, then ``<think>…</think>``

@@ -56,7 +56,8 @@ KL_ESTIMATORS = ("k1", "k2", "k3", "k3+")
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 RATIO_LEVELS = ("token", "sequence")
 
-# verl's clamps for the k3 estimator (REFERENCE §4.3): input |x| <= 20, output in [-10, 10].
+# verl's clamps for the k3 estimator (volcengine/verl, core_algos.py ``kl_penalty``; docs/algorithms.md §4):
+# input |x| <= 20, output in [-10, 10].
 K3_INPUT_CLAMP = 20.0
 K3_OUTPUT_CLAMP = 10.0
 
@@ -105,7 +106,7 @@ def _out_dtype(dtype: torch.dtype) -> torch.dtype:
 def group_advantages(
     rewards: Tensor, group_size: int, *, eps: float = 1e-6, scale: str = "group", baseline: str = "mean"
 ) -> Tensor:
-    """Group-relative advantages (DESIGN §5, contract; docs/algorithms.md §2).
+    """Group-relative advantages (docs/design.md §5, contract; docs/algorithms.md §2).
 
     ``rewards`` is ``[B*G]``, prompt-major (row ``b*G + j`` is rollout ``j`` of prompt ``b``)::
 

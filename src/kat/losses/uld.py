@@ -34,7 +34,7 @@ non-negative x, y, the unknown tail sum lies in ``[|τ_S − τ_T|, τ_S + τ_T]
 
 ``uld_loss_topk`` returns the lower bound (the "tail bucket" form: the tail masses compared as one extra
 entry); it is exact when all of one side's tail mass is matched rank by rank by the other side's, and it
-is the form recommended in REFERENCE §1.5 (≈1 % relative error at k = 64 on Zipf-like logits).
+is the form docs/uld.md §2 recommends (≈1 % relative error at k = 64 on Zipf-like logits).
 ``uld_topk_bounds`` returns both bounds.
 """
 from __future__ import annotations

@@ -8,7 +8,7 @@ token ``t_{i+k}`` and predicts token ``t_{i+k+1}`` (the main head, depth 0, pred
     h^k    = TRM_k(h'^k)            one decoder layer of the model's own class, causal, same RoPE positions
     logits^k_i = Head(norm_k(h^k_i))                    Emb and Head are the main model's (shared)
 
-Choices (DeepSeek-V3, arXiv 2412.19437, REFERENCE.md §2), with the departures marked:
+Choices (DeepSeek-V3 Technical Report, arXiv 2412.19437; docs/distill.md §2), with the departures marked:
 
 * **Concatenation order** ``[emb; hidden]`` as Megatron-LM and vLLM's ``deepseek_mtp`` do (the paper
   writes ``[hidden; emb]``); the order only permutes ``eh_proj``'s columns, and matching vLLM keeps a
@@ -267,7 +267,7 @@ def n_params(module: nn.Module) -> int:
 def shift_targets(labels: torch.Tensor, k: int, ignore_index: int = -100) -> torch.Tensor:
     """Targets of depth ``k`` (0 = main head): ``out[:, i] = labels[:, i+k+1]``, ``ignore_index`` past the end.
 
-    (B, T) -> (B, T). This is the roll + rolled mask of REFERENCE.md §2 in one step.
+    (B, T) -> (B, T). This is Megatron-LM's roll + rolled mask (docs/distill.md §2) in one step.
     """
     out = torch.full_like(labels, ignore_index)
     s = k + 1

@@ -308,7 +308,7 @@ class OnlineTeacher:
         return {"logits": logits, "pairs": pairs}
 
     def flops_per_token(self, T: int) -> float:
-        """2·N_t + 2·L_t·d_t·T (DESIGN.md §6); dual: weighted by the last batch's think-on share."""
+        """2·N_t + 2·L_t·d_t·T (docs/design.md §6); dual: weighted by the last batch's think-on share."""
         def one(m) -> float:
             n = sum(p.numel() for p in m.parameters())
             return 2.0 * n + 2.0 * m.config.num_hidden_layers * m.config.hidden_size * T

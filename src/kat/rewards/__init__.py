@@ -1,6 +1,6 @@
 """Verifiable-reward graders: math, code (sandboxed), science multiple choice, general text.
 
-Public API (DESIGN.md §5):
+Public API (docs/design.md §5):
 
 * :func:`grade` ``(sample, completion, *, timeout_s=5.0, code_cfg=None) -> float | None`` -- one item:
   1.0 / 0.0, or ``None`` when the sample itself cannot be graded (unparseable gold, missing
@@ -13,7 +13,7 @@ Public API (DESIGN.md §5):
 
 Every verifier reads only the ``<answer>…</answer>`` block (:func:`kat.data.templates.answer_block`);
 a completion without one (malformed) scores 0. Domains ``multiturn`` and ``tool`` are graded by the
-general heuristics (DESIGN.md §3). Scores are binary for every domain (docs/verifiers.md explains why
+general heuristics (docs/design.md §3). Scores are binary for every domain (docs/verifiers.md explains why
 the general heuristic gives no partial credit).
 
 Importing this package is cheap: stdlib only, no worker process starts until the first math item.
@@ -69,7 +69,7 @@ from kat.rewards import code, general, math, science  # noqa: E402  (stdlib-only
 from kat.rewards.sandbox import SandboxConfig, SandboxUnavailableError  # noqa: E402
 from kat.data.templates import answer_block  # noqa: E402
 
-#: domains graded by the general heuristic (DESIGN.md §3)
+#: domains graded by the general heuristic (docs/design.md §3)
 GENERAL_DOMAINS = ("general", "multiturn", "tool")
 DOMAINS = ("math", "code", "science") + GENERAL_DOMAINS
 

@@ -1,7 +1,7 @@
 """Math answer verification with Math-Verify, in worker processes with a hard timeout.
 
 ``verify(completion, gold)`` reads only the ``<answer>`` block and decides symbolic equivalence
-with the ``math-verify`` package (REFERENCE.md §7.1):
+with the ``math-verify`` package (huggingface/Math-Verify; settings in docs/verifiers.md, Math):
 
 * **Gold first.** Both sides go through the same extraction (below) and ``math_verify.verify(gold,
   pred)`` is called with gold first (the function is asymmetric by design), ``strict=True``,
@@ -27,7 +27,7 @@ with the ``math-verify`` package (REFERENCE.md §7.1):
   Before that, TeX's single-token arguments are spelled out: ``\\frac12`` -> ``\\frac{1}{2}``,
   ``\\sqrt2`` -> ``\\sqrt{2}`` (what TeX itself does; Math-Verify's ``malformed_operators`` rewrite
   turns ``\\frac123`` into ``1/23`` and is off in the strict settings).
-* **Gold.** Gold answers are plain text or LaTeX without ``$`` (DESIGN.md §3) and go through the
+* **Gold.** Gold answers are plain text or LaTeX without ``$`` (docs/design.md §3) and go through the
   same steps; a gold that yields no SymPy object (only a raw string, or nothing) raises
   :class:`kat.rewards.GoldParseError` -- as does a gold whose parsing alone exceeds the timeout.
   The outcome per gold string is cached in the caller (4096 entries) and in each worker (parsed

@@ -1,6 +1,6 @@
 """Run untrusted Python (a generated program plus its unit tests) in a bubblewrap sandbox.
 
-One sandbox per program (REFERENCE.md §7.3). Layers, outside in:
+One sandbox per program (docs/verifiers.md, Code). Layers, outside in:
 
 1. **bubblewrap**, started as root *without* a user namespace: ``--ro-bind / /`` (the whole host
    read-only), private tmpfs on ``/tmp`` (the work dir ``/tmp/work``) and ``/dev/shm`` (size-capped),

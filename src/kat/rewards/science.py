@@ -1,7 +1,7 @@
 """Multiple-choice grading: extract the chosen letter from the ``<answer>`` block.
 
 Patterns, tried in order inside the answer block only; the first that matches wins
-(REFERENCE.md §7.2):
+(docs/verifiers.md, Science):
 
 1. ``\\boxed{X}`` (also ``\\boxed{(X)}``, ``\\boxed{\\text{X}}``, ``\\boxed{\\mathrm{X}}``)
 2. ``Answer: X`` / ``Answer：(X)`` (case-insensitive "answer"; first occurrence)

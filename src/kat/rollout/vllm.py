@@ -1,6 +1,6 @@
 """RL rollouts with a colocated vLLM engine (``rollout=vllm``; GPU, optional extra).
 
-**Status: written against vLLM's documented offline API (REFERENCE §8; vLLM docs ``features/sleep_mode.md``,
+**Status: written against vLLM's documented offline API (vLLM docs ``features/sleep_mode.md``,
 ``examples/offline_inference/rlhf_utils.py``), never run by the kat team** — vLLM cannot be installed on our
 CPU machines. docs/rl.md says exactly what was and was not exercised. Importing this module never imports
 vLLM; :class:`VLLMEngine` raises :class:`VLLMUnavailableError` with the install hint when it is missing.
@@ -22,7 +22,7 @@ The engine lives in the trainer's process and shares the GPU with it (TRL's "col
   (``logprobs_mode="processed_logprobs"``: after temperature, the distribution actually sampled).
   ``rollout.logprobs=recompute`` (default) ignores them and recomputes ``log π_old`` with a no-grad HF forward,
   as for ``rollout=hf``: vLLM's kernels differ from the trainer's in the last bits and the mismatch compounds
-  over long responses (REFERENCE §13, trl #4772).
+  over long responses (huggingface/trl issue #4772).
 
 Limits: one GPU per engine (``tensor_parallel_size=1``); under DDP every rank holds its own engine and
 samples its own prompts; FSDP-sharded policies would need a full-state gather before the push (not done).

@@ -11,7 +11,7 @@ Endpoint styles:
   + the query); the mode is a property of the prompt, not of the request.
 * ``kat``: a kat forced-mode model (the embedded tiny teacher, or a kat checkpoint): system messages are
   dropped (it was never trained on them) and the trigger ``<think_on>``/``<think_off>`` is appended after
-  the generation prompt, the distill format (DESIGN.md §3). Local models take the trigger directly; over
+  the generation prompt, the distill format (docs/design.md §3). Local models take the trigger directly; over
   HTTP it is sent as a prefilled assistant message with vLLM's ``continue_final_message`` extra.
 
 Transports (``synth.backend``):

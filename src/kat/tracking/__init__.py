@@ -1,4 +1,4 @@
-"""MLflow tracking: store location, loggers, params, tags, artifacts (DESIGN.md §6).
+"""MLflow tracking: store location, loggers, params, tags, artifacts (docs/design.md §6).
 
 * Store: ``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<cwd>/mlflow.db`` with the artifact root
   ``<cwd>/mlartifacts`` (Lightning's MLFlowLogger would default to a file store, which MLflow ≥ 3.13
