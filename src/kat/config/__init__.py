@@ -68,10 +68,10 @@ def unknown_keys(cfg: Any, prefix: str = "", skip: tuple[str, ...] = ()) -> list
     return out
 
 
-def check(cfg: Any) -> Any:
-    """Raise :class:`SchemaError` naming every key of ``cfg`` (``hydra`` aside) that its schema lacks;
-    returns ``cfg``."""
-    bad = unknown_keys(cfg, skip=("hydra",))
+def check(cfg: Any, skip: tuple[str, ...] = ("hydra",)) -> Any:
+    """Raise :class:`SchemaError` naming every key of ``cfg`` (top-level keys in ``skip`` aside) that its schema
+    lacks; returns ``cfg``."""
+    bad = unknown_keys(cfg, skip=skip)
     if bad:
         raise SchemaError("unknown config key(s): " + "; ".join(bad)
                           + " — a typo, or a field to add to its schema (docs/config.md)")
@@ -84,14 +84,28 @@ except ImportError:  # pragma: no cover - hydra is a dependency
     _Callback = object
 
 
+class SchemaRefused(SystemExit):
+    """The run is refused (exit status 1, the message on stderr). A ``SystemExit``: Hydra turns an ``Exception``
+    raised in a callback into a warning and runs the job anyway."""
+
+
 class SchemaCheck(_Callback):
-    """``hydra.callbacks.schema_check`` (conf/hydra/default.yaml): :func:`check` on the job's config."""
+    """``hydra.callbacks.schema_check`` (conf/hydra/default.yaml): :func:`check` on the run's and every job's
+    config, before the task function. ``+sweep=NAME`` without a sweep file is left to kat.sweep's callback, which
+    lists the sweeps there are."""
+
+    @staticmethod
+    def _check(config) -> None:
+        try:
+            check(config, skip=("hydra", "sweep"))
+        except SchemaError as e:
+            raise SchemaRefused(f"{type(e).__module__}.{type(e).__name__}: {e}") from None
 
     def on_run_start(self, config, **kwargs) -> None:
-        check(config)
+        self._check(config)
 
     def on_job_start(self, config, **kwargs) -> None:
-        check(config)
+        self._check(config)
 
 
 from kat.config import schemas as _schemas  # noqa: E402  (registers the schemas)
