@@ -48,7 +48,7 @@ def main() -> int:
         print("benchmarks/grpo.py needs a CUDA GPU (none found); nothing was measured.", file=sys.stderr)
         return 2
     from kat.losses import grpo as R
-    from kat.rewards import step_srpo as S
+    from kat.rl import credit as S
     from kat_kernels import grpo as K
 
     dev = "cuda"

@@ -41,7 +41,7 @@ Cases (``--cases``, run in the order given):
   on CUDA) on a world of 1 (``init_process_group`` nccl on CUDA, gloo on CPU, rank 0, world 1, 127.0.0.1 and
   a free port).
 * ``distill_fsdp_mtp_plain`` — the same with the MTP depths left unwrapped (plain modules; for comparison).
-* ``rl_update`` — :meth:`kat.stages.step_srpo.StepSRPO.accumulate_gradients` (Step-SRPO module built with
+* ``rl_update`` — :meth:`kat.stages.rl.RL.accumulate_gradients` (Step-SRPO module built with
   ``conf/algorithm/step_srpo.yaml`` and ``update.micro_batch_size`` 32 of ``conf/stage/rl.yaml``;
   ``loss.impl=auto``: the fused Triton policy loss of ``kat_kernels.grpo`` on CUDA) on synthetic rollouts:
   ``--rl-prompts`` × ``--group-size`` rows, ``--prompt-len`` prompt + ``--new-tokens`` response tokens each,
@@ -364,7 +364,7 @@ def case_distill(ctx: Ctx, B: int, row: Row, impl: str, fsdp: bool = False, shar
 
 
 class BenchTokenizer:
-    """The few tokenizer methods kat.rollout.hf and StepSRPO call, over fixed random prompt ids.
+    """The few tokenizer methods kat.rollout.hf and the RL stage call, over fixed random prompt ids.
 
     Special tags get ids at the top of the vocabulary (a random model samples them rarely): EOS = V-1,
     ``</answer>`` = V-2, pad = V-3, the other tags below them. ``encode(text)`` returns the ids registered
@@ -418,16 +418,16 @@ def load_yaml(rel: str) -> dict:
 
 def case_rl_update(ctx: Ctx, n_prompts: int, row: Row, impl: str) -> Row:
     from kat.rollout import hf as R
-    from kat.stages.step_srpo import StepSRPO, select_loss_impl
+    from kat.stages.rl import RL, select_loss_impl
 
     a = ctx.args
     G, P, Tn, V = a.group_size, a.prompt_len, a.new_tokens, ctx.arch["vocab_size"]
     model, tok, prompts = rl_setup(ctx, n_prompts)
     algorithm = load_yaml("conf/algorithm/step_srpo.yaml")
     update = dict(load_yaml("conf/stage/rl.yaml")["stage"]["module"]["update"])
-    module = StepSRPO(model, tok, optim={"lr": 1e-5}, val={}, algorithm=algorithm, reward={},
-                      rollout={"group_size": G, "temperature": 1.0, "max_new_tokens": Tn}, update=update,
-                      loss_impl=impl)
+    module = RL(model, tok, optim={"lr": 1e-5}, val={}, algorithm=algorithm, reward={},
+                rollout={"group_size": G, "temperature": 1.0, "max_new_tokens": Tn}, update=update,
+                loss_impl=impl)
     module.to(ctx.device)
     module.model.eval()  # the RL stage runs the policy without dropout in the update too
     module.loss_impl, why = select_loss_impl(impl, module.model, module.loss_kw.get("ratio_level", "token"))

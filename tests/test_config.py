@@ -35,7 +35,7 @@ def test_every_stage_composes_from_defaults(compose_cfg, stage):
                 "rollout", "loss"):
         assert key in cfg, key
     assert "impl" in cfg.loss
-    assert "judge_weight" in cfg.reward
+    assert "judge_weight" in cfg.algorithm.credit  # the Step-SRPO weights: conf/algorithm/step_srpo.yaml
     assert "mtp_depth" in cfg.model
 
 

@@ -146,7 +146,7 @@ def test_vote_labels_off_iff_enough_right_and_stops_when_decided(monkeypatch, tm
 
     import kat.models
     import kat.rollout.hf as hf_rollout
-    import kat.stages.step_srpo as step_srpo
+    import kat.rewards.cache as grade_cache
     from kat.data import synthetic
     from kat.models.tokenizer import build_char_tokenizer
 
@@ -173,7 +173,7 @@ def test_vote_labels_off_iff_enough_right_and_stops_when_decided(monkeypatch, tm
         return scores, None, None
 
     monkeypatch.setattr(hf_rollout, "generate", fake_generate)
-    monkeypatch.setattr(step_srpo.GradeCache, "grade", fake_grade)
+    monkeypatch.setattr(grade_cache.GradeCache, "grade", fake_grade)
     vcfg = OmegaConf.create({"k": k, "threshold": threshold, "temperature": 1.0, "n_train_per_level": 2,
                              "n_val_per_level": 1, "domains": ["math"], "random_mode_rate": 0.0,
                              "max_new_tokens": 7, "batch_size": 4})

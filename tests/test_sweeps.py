@@ -31,8 +31,9 @@ def tiny_sweep(tmp_path_factory):
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     sweep_dir = tmp / "multirun"
     r = run_module(["kat.train", "-m", "+stage=rl", "+sweep=reward_weights",
-                    f"reward.judge_weight={','.join(JUDGE_WEIGHTS)}",
-                    f"reward.format_penalty={','.join(FORMAT_PENALTIES)}", "reward.modulation=multiplicative",
+                    f"algorithm.credit.judge_weight={','.join(JUDGE_WEIGHTS)}",
+                    f"algorithm.credit.format_penalty={','.join(FORMAT_PENALTIES)}",
+                    "algorithm.credit.modulation=multiplicative",
                     *TINY, "trainer.max_steps=2", "trainer.val_check_interval=2", f"hydra.sweep.dir={sweep_dir}"],
                    cwd=tmp, env_extra={"OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": uri}, timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
@@ -64,9 +65,9 @@ def test_grid_makes_one_parent_and_one_child_per_job(tiny_sweep):
 
     # the parent: the sweep's overrides and search space as params, a summary at the end
     p = parent.data.params
-    assert p["sweep/space/reward.judge_weight"] == "0.1,1.0"
-    assert p["sweep/space/reward.format_penalty"] == "-1.0,-0.5"
-    assert "sweep/space/reward.modulation" not in p  # pinned on the command line: not swept
+    assert p["sweep/space/algorithm.credit.judge_weight"] == "0.1,1.0"
+    assert p["sweep/space/algorithm.credit.format_penalty"] == "-1.0,-0.5"
+    assert "sweep/space/algorithm.credit.modulation" not in p  # pinned on the command line: not swept
     assert "sweep/space/seed" not in p  # a single value in the config's params sweeps nothing
     assert p["sweep/grid_size"] == "4" and p["sweep/objective"] == "val/acc" and p["sweep/direction"] == "maximize"
     assert "+sweep=reward_weights" in p["sweep/overrides"] and p["sweep/launcher"].endswith("BasicLauncher")
@@ -80,12 +81,14 @@ def test_grid_makes_one_parent_and_one_child_per_job(tiny_sweep):
     # the children: one per grid point, swept values as params and tags, rl/* per step, val/* at the end
     assert all(c.data.tags["mlflow.parentRunId"] == pid for c in children)
     assert all(c.info.status == "FINISHED" and c.data.tags["kat.stage"] == "rl" for c in children)
-    grid = {(c.data.params["reward/judge_weight"], c.data.params["reward/format_penalty"]) for c in children}
+    grid = {(c.data.params["algorithm/credit/judge_weight"], c.data.params["algorithm/credit/format_penalty"])
+            for c in children}
     assert grid == set(itertools.product(JUDGE_WEIGHTS, FORMAT_PENALTIES))
-    assert all(c.data.params["reward/modulation"] == "multiplicative" for c in children)
+    assert all(c.data.params["algorithm/credit/modulation"] == "multiplicative" for c in children)
     assert sorted(int(c.data.tags["kat.sweep.job"]) for c in children) == [0, 1, 2, 3]
     for c in children:
-        assert c.data.tags["kat.override.reward.judge_weight"] == c.data.params["reward/judge_weight"]
+        assert c.data.tags["kat.override.algorithm.credit.judge_weight"] == \
+            c.data.params["algorithm/credit/judge_weight"]
         for name in ("rl/acc", "rl/think_on_rate", "rl/tokens_mean", "rl/reward_mean", "rl/reward_judge"):
             assert [m.step for m in client.get_metric_history(c.info.run_id, name)] == [1, 2], name
         assert sorted(m.step for m in client.get_metric_history(c.info.run_id, "val/acc")) == [0, 2]
@@ -104,18 +107,18 @@ def test_runs_table_and_plots_read_the_sweep(tiny_sweep):
     uri = tiny_sweep["uri"]
     sweeps = compare.list_sweeps(uri=uri)
     assert list(sweeps["run_name"]) == ["sweep reward_weights"] and list(sweeps["n_children"]) == [4]
-    assert "reward.judge_weight=0.1,1.0" in sweeps.iloc[0]["space"]
+    assert "algorithm.credit.judge_weight=0.1,1.0" in sweeps.iloc[0]["space"]
 
     table = compare.runs_table(sweep="sweep reward_weights", uri=uri)  # by name ...
     assert compare.runs_table(sweep=sweeps.iloc[0]["run_id"], uri=uri)["run_id"].tolist() == table["run_id"].tolist()
     assert len(table) == 4 and table["sweep_job"].tolist() == [0, 1, 2, 3]
-    assert compare.swept_columns(table) == ["reward.format_penalty", "reward.judge_weight"]
-    assert table["reward.judge_weight"].dtype.kind == "f"  # swept values come back as numbers
-    assert set(zip(table["reward.judge_weight"], table["reward.format_penalty"])) == \
+    assert compare.swept_columns(table) == ["algorithm.credit.format_penalty", "algorithm.credit.judge_weight"]
+    assert table["algorithm.credit.judge_weight"].dtype.kind == "f"  # swept values come back as numbers
+    assert set(zip(table["algorithm.credit.judge_weight"], table["algorithm.credit.format_penalty"])) == \
         {(float(a), float(b)) for a, b in itertools.product(JUDGE_WEIGHTS, FORMAT_PENALTIES)}
     # params: only those that vary (the swept ones), run folders excluded
     assert [c for c in table.columns if c.startswith("params.")] == \
-        ["params.reward/format_penalty", "params.reward/judge_weight"]
+        ["params.algorithm/credit/format_penalty", "params.algorithm/credit/judge_weight"]
     for metric in ("val/acc", "val/think_on_rate", "val/tokens_mean", "rl/acc", "val/think_on_rate/level_3"):
         assert table[metric].notna().all(), metric
     assert (table["best:val/acc"] >= table["val/acc"] - 1e-12).all()
@@ -130,13 +133,13 @@ def test_runs_table_and_plots_read_the_sweep(tiny_sweep):
     got = long[(long["run_id"] == row["run_id"]) & (long["level"] == 4)]["val/think_on_rate"].item()
     assert got == row["val/think_on_rate/level_4"]
 
-    fig = plots.plot_levels_vs_param(table, "reward.judge_weight")
+    fig = plots.plot_levels_vs_param(table, "algorithm.credit.judge_weight")
     assert len(fig.axes[0].containers) == 5  # one error-bar line per level
-    fig = plots.plot_vs_param(table, "reward.judge_weight", hue="reward.format_penalty")
+    fig = plots.plot_vs_param(table, "algorithm.credit.judge_weight", hue="algorithm.credit.format_penalty")
     assert len(fig.axes) == 3 and all(len(ax.containers) == 2 for ax in fig.axes)
     xs = sorted(fig.axes[0].containers[0].lines[0].get_xdata())
     assert xs == [0.1, 1.0]
-    fig = plots.plot_frontier(table, label="reward.judge_weight")
+    fig = plots.plot_frontier(table, label="algorithm.credit.judge_weight")
     assert len(fig.axes[0].collections[0].get_offsets()) == 4
 
 
@@ -153,7 +156,7 @@ def test_notebook_runs_on_the_sweep(tiny_sweep, monkeypatch):
                    resources={"metadata": {"path": str(path.parent)}}).execute()  # raises on any cell error
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert f"MLflow store: {tiny_sweep['uri']}" in text
-    assert "4 runs, swept: ['reward.format_penalty', 'reward.judge_weight']" in text
+    assert "4 runs, swept: ['algorithm.credit.format_penalty', 'algorithm.credit.judge_weight']" in text
     images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert images >= 1 + 2 + 2  # frontier, per-level plot per swept key, metrics plot per swept key
 
@@ -164,7 +167,7 @@ def test_notebook_runs_on_the_sweep(tiny_sweep, monkeypatch):
 def test_multirun_with_two_devices_per_job_is_refused(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     r = run_module(["kat.train", "-m", "+stage=rl", "trainer.devices=2", "trainer.accelerator=cpu",
-                    "reward.judge_weight=0.1,1.0", f"hydra.sweep.dir={tmp_path / 'multirun'}"],
+                    "algorithm.credit.judge_weight=0.1,1.0", f"hydra.sweep.dir={tmp_path / 'multirun'}"],
                    cwd=tmp_path, env_extra={"OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": uri}, timeout=120)
     out = r.stdout + r.stderr
     assert r.returncode == 1
@@ -214,16 +217,17 @@ def test_unknown_sweep_is_refused_with_the_list():
 def test_sweep_space_and_grid_size():
     from kat.sweep import grid_size, sweep_name, sweep_space
 
-    params = {"reward.judge_weight": "0.1,0.5,1.0", "reward.modulation": "multiplicative,additive", "seed": "0"}
-    space = sweep_space(params, ["+stage=rl", "+sweep=reward_weights", "reward.judge_weight=0.1,1.0",
-                                 "reward.modulation=additive", "algorithm=grpo,dapo", "trainer.max_steps=2"])
-    assert space == {"reward.judge_weight": "0.1,1.0", "algorithm": "grpo,dapo"}
+    params = {"algorithm.credit.judge_weight": "0.1,0.5,1.0", "algorithm.credit.modulation": "multiplicative,additive",
+              "seed": "0"}
+    space = sweep_space(params, ["+stage=rl", "+sweep=reward_weights", "algorithm.credit.judge_weight=0.1,1.0",
+                                 "algorithm.credit.modulation=additive", "algorithm=grpo,dapo", "trainer.max_steps=2"])
+    assert space == {"algorithm.credit.judge_weight": "0.1,1.0", "algorithm": "grpo,dapo"}
     assert grid_size(space) == 4 and grid_size({}) == 1
-    assert grid_size({"reward.judge_weight": "interval(0.0, 1.0)"}) is None
-    optuna = {"reward.judge_weight": "interval(0.0, 1.0)"}
+    assert grid_size({"algorithm.credit.judge_weight": "interval(0.0, 1.0)"}) is None
+    optuna = {"algorithm.credit.judge_weight": "interval(0.0, 1.0)"}
     assert sweep_space(optuna, []) == optuna
     assert sweep_name(["+sweep=algorithms"], space) == "algorithms"
-    assert sweep_name([], space) == "reward.judge_weight,algorithm"
+    assert sweep_name([], space) == "algorithm.credit.judge_weight,algorithm"
 
 
 def test_pareto_front():
@@ -338,9 +342,9 @@ def test_optuna_sweep_runs_and_nests_its_trials(tmp_path):
     parent = next(x for x in runs if x.data.tags.get("kat.sweep") == "true")
     children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 2 and parent.data.metrics["sweep/n_jobs"] == 2
-    assert parent.data.params["sweep/space/reward.judge_weight"] == "interval(0.0, 1.0)"
+    assert parent.data.params["sweep/space/algorithm.credit.judge_weight"] == "interval(0.0, 1.0)"
     assert parent.data.params["sweep/sweeper"].endswith("OptunaSweeper")
     for c in children:
-        w = float(c.data.params["reward/judge_weight"])
+        w = float(c.data.params["algorithm/credit/judge_weight"])
         assert 0.0 <= w <= 1.0 and not math.isnan(c.data.metrics["val/acc"])
     assert (tmp_path / "multirun" / "optimization_results.yaml").exists()

@@ -138,7 +138,7 @@ def vote_labels(teacher: Path, vcfg: DictConfig, seed: int, out_dir: Path, *,
     from kat.data import schema, synthetic, templates
     from kat.models.tokenizer import render_prompt
     from kat.rollout.hf import generate
-    from kat.stages.step_srpo import GradeCache
+    from kat.rewards.cache import GradeCache
 
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

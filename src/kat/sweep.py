@@ -87,7 +87,7 @@ def processes_per_job(devices: Any, num_nodes: Any = 1, accelerator: Any = "auto
 def sweep_space(sweeper_params: dict | None, overrides: list[str]) -> dict[str, str]:
     """Swept keys -> their search space as written: the sweeper's ``params`` updated by the command-line
     overrides that sweep (``key=a,b``, ``key=range(...)``, ``interval(...)``, ``choice(...)``); a command-line
-    value for a key that the config sweeps (``reward.modulation=additive``) pins it and removes it."""
+    value for a key that the config sweeps (``algorithm.credit.modulation=additive``) pins it and removes it."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     space = {str(k): str(v) for k, v in (sweeper_params or {}).items()}

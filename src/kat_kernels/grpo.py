@@ -1,7 +1,7 @@
 """Triton kernels for GRPO-family RL (import name ``kat_kernels.grpo``; imports only torch and triton).
 
 Math and departures: ``docs/algorithms.md`` §2, §3, §4, §6.4 and §9. The pure-torch twins (the oracles the tests
-compare against) are ``kat.losses.grpo.group_advantages``, ``kat.rewards.step_srpo.step_credit_advantages`` and
+compare against) are ``kat.losses.grpo.group_advantages``, ``kat.rl.credit.step_credit_advantages`` and
 ``kat.losses.grpo.policy_loss_from_hidden``.
 
 * :func:`group_advantages` (contract, same signature and result as the reference)::
@@ -341,7 +341,7 @@ def step_credit_advantages(
     eps: float = 1e-6,
     scale: str = "group",
 ) -> Tensor:
-    """Triton twin of ``kat.rewards.step_srpo.step_credit_advantages``: ``[B*G, T]`` fp32 with the judge
+    """Triton twin of ``kat.rl.credit.step_credit_advantages``: ``[B*G, T]`` fp32 with the judge
     advantage on segment 1, the answer advantage on segment 2 and 0 elsewhere; segments from ``segment_ids``
     or from ``boundaries [B*G]`` (first column of segment 2) and ``response_mask [B*G, T]``."""
     if judge_rewards.shape != answer_rewards.shape or judge_rewards.dim() != 1:

@@ -1,4 +1,4 @@
-"""kat_kernels.grpo against the torch references (kat.losses.grpo, kat.rewards.step_srpo).
+"""kat_kernels.grpo against the torch references (kat.losses.grpo, kat.rl.credit).
 
 On CPU the kernels run in Triton's interpreter: TRITON_INTERPRET=1 must be set before triton decorates them,
 i.e. before ``kat_kernels.grpo`` is imported. It is set here only when there is no CUDA device (on a GPU machine
@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from kat.losses import grpo as R  # noqa: E402
-from kat.rewards import step_srpo as S  # noqa: E402
+from kat.rl import credit as S  # noqa: E402
 from kat_kernels import grpo as K  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

@@ -155,7 +155,7 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
 
 
 # ==============================================================================================================
-# RL rollouts: G samples per prompt with per-token log-probs (additive API used by kat.stages.step_srpo)
+# RL rollouts: G samples per prompt with per-token log-probs (additive API used by kat.stages.rl)
 # ==============================================================================================================
 LOGPROB_SOURCES = ("recompute", "sampler")
 

@@ -3,11 +3,11 @@
 Column conventions of :func:`runs_table` (one row per run):
 
 * ``run_id, run_name, status, stage, parent_run_id, sweep_job, start_time, duration_s``
-* the job's command-line overrides as Hydra wrote them (``reward.judge_weight``, ``algorithm``): the swept values,
-  group choices included (from the tags ``kat.override.<key>`` that every job of a multirun carries); numbers
-  when every value parses as one
-* ``params.<name>``: flattened config params (``params.reward/judge_weight``), by default only those that differ
-  between the rows (run folders excluded)
+* the job's command-line overrides as Hydra wrote them (``algorithm.credit.judge_weight``, ``algorithm``): the
+  swept values, group choices included (from the tags ``kat.override.<key>`` that every job of a multirun
+  carries); numbers when every value parses as one
+* ``params.<name>``: flattened config params (``params.algorithm/credit/judge_weight``), by default only those
+  that differ between the rows (run folders excluded)
 * ``<metric>``: the metric's final (latest) value, e.g. ``val/acc``, ``val/think_on_rate/level_3``, ``rl/acc``
 * ``best:<metric>``: the best value over the run's history for the metrics in ``best`` ({name: "max"|"min"})
 

@@ -4,9 +4,12 @@
 * :func:`plot_levels_vs_param` — a metric per level (one line per level) against one swept parameter.
 * :func:`plot_frontier` — accuracy against tokens per completion, the efficiency frontier drawn through the
   non-dominated runs.
+* :func:`plot_rl_history` — one RL run: think-on rate, tokens and accuracy per step, overall and per level (the
+  RL stage writes these PNGs at the end of training).
 
 Several runs with the same x (seeds) are drawn as their mean with a min–max bar. A categorical x (``algorithm``,
-``reward.modulation``) is spaced evenly in first-seen order. Every function returns the ``Figure``.
+``algorithm.credit.modulation``) is spaced evenly in first-seen order. Every comparison function returns the
+``Figure``.
 """
 from __future__ import annotations
 
@@ -123,3 +126,70 @@ def plot_frontier(df, *, cost: str = "val/tokens_mean", value: str = "val/acc", 
     ax.set_title(title or "efficiency frontier")
     fig.tight_layout()
     return fig
+
+
+# ----------------------------------------------------------------------------------------------- one RL run
+def _moving_average(ys: Sequence[float], w: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, y in enumerate(ys):
+        acc += y
+        if i >= w:
+            acc -= ys[i - w]
+        out.append(acc / min(i + 1, w))
+    return out
+
+
+def plot_rl_history(history: Sequence[dict], val_history: Sequence[dict], directory, algorithm: str = "") -> list:
+    """The RL stage's figures: think-on rate, mean tokens and accuracy per RL step, overall and per level (rollouts,
+    moving average over 10 steps; validation points as markers). ``history``: one dict of ``rl/*`` metrics with
+    ``step`` per RL step; ``val_history``: ``{"step", "summary"}`` per validation. Writes
+    ``think_on_rate.png``, ``tokens_mean.png``, ``accuracy.png`` under ``directory``; returns their paths."""
+    from pathlib import Path
+
+    if not history:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    steps = [h["step"] for h in history]
+    levels = sorted({int(k.rsplit("_", 1)[1]) for h in history for k in h if "/level_" in k})
+    paths = []
+    for metric, title, fname in (("think_on_rate", "think-on rate", "think_on_rate.png"),
+                                 ("tokens_mean", "mean generated tokens", "tokens_mean.png"),
+                                 ("acc", "accuracy", "accuracy.png")):
+        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+        cmap = plt.get_cmap("viridis")
+        series = [("all", f"rl/{metric}", "black", 2.2)] + [
+            (f"level {lv}", f"rl/{metric}/level_{lv}", cmap(k / max(1, len(levels) - 1)), 1.2)
+            for k, lv in enumerate(levels)]
+        for label, key, color, lw in series:
+            xs = [s for s, h in zip(steps, history) if key in h]
+            ys = [h[key] for h in history if key in h]
+            if ys:
+                ax.plot(xs, _moving_average(ys, 10), label=label, color=color, linewidth=lw)
+        for v in val_history:
+            s = v["summary"]
+            for k, lv in enumerate(levels):
+                b = s.get(f"level_{lv}")
+                if b is not None:
+                    ax.scatter([v["step"]], [b[metric]], color=cmap(k / max(1, len(levels) - 1)), marker="o",
+                               s=18, zorder=3)
+            if "all" in s:
+                ax.scatter([v["step"]], [s["all"][metric]], color="black", marker="D", s=22, zorder=3)
+        ax.set_xlabel("RL step")
+        ax.set_ylabel(title)
+        ax.set_title(f"{title} per RL step ({algorithm})", fontsize=10)
+        fig.text(0.01, 0.01, "lines: sampled rollouts, 10-step moving mean; markers: greedy held-out validation",
+                 fontsize=7, color="0.35")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, ncol=2)
+        fig.tight_layout()
+        p = directory / fname
+        fig.savefig(p)
+        plt.close(fig)
+        paths.append(p)
+    return paths

@@ -15,10 +15,11 @@ SCRIPT = textwrap.dedent("""
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
     from hydra import compose, initialize_config_dir
+    import kat.config, kat.config.lightning  # noqa: F401  (register the config schemas, as tests/conftest.py)
     from kat import models
     from kat.models.tokenizer import render_prompt
     from kat.rollout import hf
-    from kat.stages.step_srpo import StepSRPO, select_loss_impl
+    from kat.stages.rl import RL, select_loss_impl
 
     with initialize_config_dir(config_dir=%(conf)r, version_base="1.3"):
         cfg = compose("train", overrides=["+stage=rl", "model.arch.hidden_size=32", "model.arch.intermediate_size=64",
@@ -26,7 +27,7 @@ SCRIPT = textwrap.dedent("""
                                           "algorithm.loss.kl_coef=0.1", "algorithm.loss.clip_ratio_c=3.0"])
     torch.manual_seed(0)
     model, tok = models.load(cfg.model)
-    m = StepSRPO.from_config(cfg, model, tok)
+    m = RL.from_config(cfg, model, tok)
     assert select_loss_impl("triton", m.model, "token")[0] == "triton"  # the interpreter runs it on request
     assert select_loss_impl("auto", m.model, "token")[0] == "torch"  # but auto never picks the slow interpreter
     prompts = [render_prompt(tok, [{"role": "user", "content": c}]) for c in ["1+2", "33+4", "code: f(x)=x+1+2"]]

@@ -1,4 +1,4 @@
-"""kat.data.resampling: SRPO History Resampling (with state round-trip) and DAPO dynamic sampling."""
+"""kat.rl.sampling: SRPO History Resampling (with state round-trip) and DAPO dynamic sampling."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from kat.data.resampling import DynamicSampler, HistoryResampler, zero_std_groups
+from kat.rl.sampling import DynamicSampler, HistoryResampler, zero_std_groups
 
 
 def _epoch1(hr: HistoryResampler) -> None:

@@ -1,5 +1,5 @@
-"""kat.rewards.step_srpo: Step-SRPO judge/answer rewards and step credit, and the other algorithms' rules,
-each on a hand-built group."""
+"""kat.rl.credit and kat.rl.shaping: Step-SRPO judge/answer rewards and step credit, and the other algorithms'
+rules, each on a hand-built group."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kat.rewards import step_srpo as S
+from kat.rl import credit as S
 
 EPS = 1e-6
 

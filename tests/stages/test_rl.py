@@ -1,5 +1,6 @@
-"""The StepSRPO module: exact token-mean over micro-batches, credit wiring, dynamic sampling, History
-Resampling state through a real Lightning checkpoint, loss-implementation choice, grading memo."""
+"""The RL module (kat.stages.rl.RL): exact token-mean over micro-batches, credit wiring, dynamic sampling, History
+Resampling state through a real Lightning checkpoint, loss-implementation choice (the grading memo:
+tests/rewards/test_cache.py)."""
 from __future__ import annotations
 
 import lightning as L
@@ -13,7 +14,8 @@ from kat.losses import grpo as G
 from kat.models.tokenizer import render_prompt
 from kat.data import schema
 from kat.rollout import hf
-from kat.stages.step_srpo import GradeCache, StepSRPO, build_credit_config, select_loss_impl
+from kat.rl.credit import build_credit_config
+from kat.stages.rl import RL, select_loss_impl
 
 SMALL = ["model.arch.hidden_size=32", "model.arch.intermediate_size=64", "model.arch.num_hidden_layers=2",
          "rollout.group_size=4", "rollout.max_new_tokens=40", "stage.module.update.micro_batch_size=64",
@@ -24,7 +26,7 @@ def make(compose_cfg, *overrides):
     cfg = compose_cfg(["+stage=rl", *SMALL, *overrides])
     torch.manual_seed(0)
     model, tok = models.load(cfg.model)
-    return StepSRPO.from_config(cfg, model, tok), cfg
+    return RL.from_config(cfg, model, tok), cfg
 
 
 class ScriptedEngine:
@@ -234,31 +236,10 @@ def test_select_loss_impl(compose_cfg, monkeypatch):
 
 
 def test_credit_config_takes_the_reward_weights(compose_cfg):
-    module, cfg = make(compose_cfg, "reward.judge_weight=0.25", "reward.modulation=gated")
+    module, cfg = make(compose_cfg, "algorithm.credit.judge_weight=0.25", "algorithm.credit.modulation=gated")
     assert module.credit_cfg.judge_weight == 0.25 and module.credit_cfg.modulation == "gated"
     with pytest.raises(ValueError, match="unknown algorithm.credit key"):
-        build_credit_config({"name": "grpo", "credit": {"judge_weight": 1.0}}, {})
+        build_credit_config({"name": "grpo", "credit": {"judge_weight": 1.0}})
     for algo in ("grpo", "dapo", "adaptthink", "thinkless"):
         m, _ = make(compose_cfg, f"algorithm={algo}")
         assert type(m.credit_cfg).__name__.lower().startswith(algo[:4])
-
-
-def test_grade_cache_grades_each_answer_once(monkeypatch):
-    from kat import rewards
-
-    calls = []
-    real = rewards.grade_batch
-
-    def counting(samples, completions, **kw):
-        calls.append(len(samples))
-        return real(samples, completions, **kw)
-
-    monkeypatch.setattr(rewards, "grade_batch", counting)
-    s = pool_of(1, ("math",))[0]
-    good = templates.coldstart_target("off", "easy", None, s["response"])
-    bad = templates.coldstart_target("off", "easy", None, "7")
-    cache = GradeCache()
-    scores, _, hits = cache.grade([s, s, s], [good, good, bad], max_workers=1)
-    assert scores == [1.0, 1.0, 0.0] and calls == [2] and hits == 0
-    scores, _, hits = cache.grade([s], [templates.coldstart_target("on", "hard", "x", s["response"])], max_workers=1)
-    assert scores == [1.0] and hits == 1 and calls[-1] == 0  # same answer block: a hit
