@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from kat.losses import grpo as R
+from numerics import (accum, assert_close_to_oracle, group_advantage_bound, lse_error, policy_oracle, softmax_error,
+                      unit_roundoff)
 
 EPS = 1e-6
 
@@ -89,8 +91,10 @@ def test_group_advantages_random_vs_naive(B, G, scale, baseline):
     r = torch.randn(B * G, generator=g)
     r[:G] = 0.25  # one equal-reward group
     got = R.group_advantages(r, G, scale=scale, baseline=baseline)
-    want = naive_group_advantages(r, G, EPS, scale, baseline).float()
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    want = naive_group_advantages(r, G, EPS, scale, baseline)  # float64
+    # bound of the fp32 evaluation: shifted mean and two-pass Bessel std over G (group) or B·G (batch) terms,
+    # the leave-one-out difference, the division by std + eps (numerics.group_advantage_bound)
+    assert_close_to_oracle(got, want, group_advantage_bound(r, G, eps=EPS, scale=scale, baseline=baseline))
 
 
 @pytest.mark.parametrize(
@@ -361,7 +365,11 @@ def test_policy_loss_composes_clip_kl_and_aggregation():
     clip = R.ppo_clip_loss(logp, old, adv, mask, clip_ratio_c=2.0)
     kl = R.kl_estimate(logp, ref, "k2")
     want = R.aggregate(clip.loss + 0.1 * kl, mask)
-    torch.testing.assert_close(loss, want)
+    # the same fp32 per-token terms summed in another association: Σw·pg + 0.1·Σw·kl against Σw·(pg + 0.1·kl).
+    # Each side's 24-term sums are off by ≤ accum(24)·Σ|terms|, and the per-token products/sums by 3u.
+    w = R.aggregation_weights(mask, "token-mean").double()
+    terms = (w * (clip.loss.double().abs() + 0.1 * kl.double().abs()) * mask).sum()
+    assert_close_to_oracle(loss, want.double(), (2 * accum(24) + 3 * unit_roundoff(torch.float32)) * terms)
     torch.testing.assert_close(st.pg_loss, R.aggregate(clip.loss, mask))
     torch.testing.assert_close(st.kl, R.masked_mean(kl, mask))
     assert st.num_tokens.item() == int(mask.sum())
@@ -384,22 +392,35 @@ def test_empty_mask_gives_zero_stats_not_nan():
     assert st.clip_frac.item() == 0.0 and st.ratio_mean.item() == 0.0 and st.ratio_min.item() == 1.0
 
 
+@pytest.mark.parametrize("shape", [(3, 7, 123), (2, 3, 151_936)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_selective_log_softmax_and_entropy(dtype):
+def test_selective_log_softmax_and_entropy(dtype, shape):
     g = torch.Generator().manual_seed(1)
-    logits = (torch.randn(3, 7, 123, generator=g) * 3).to(dtype)
-    idx = torch.randint(0, 123, (3, 7), generator=g)
-    z = logits.float() / 0.7
-    want = torch.log_softmax(z, -1).gather(-1, idx[..., None]).squeeze(-1)
+    v = shape[-1]
+    logits = (torch.randn(*shape, generator=g) * 3).to(dtype)
+    idx = torch.randint(0, v, shape[:-1], generator=g)
+    # float64 oracle on the same (dtype) logits; both functions compute in fp32 (16-bit inputs upcast exactly)
+    u = unit_roundoff(torch.float32)
+    x = logits.double().reshape(-1, v) / 0.7
+    x_err = 2 * u * x.abs()  # the division by τ in fp32: τ and the quotient rounded
+    want = torch.log_softmax(x, -1).gather(-1, idx.reshape(-1, 1)).squeeze(-1)
+    # log π = x_y − lse: the log-space bound of numerics.softmax_error (V-term sum, exp/log, subtractions)
+    bound = torch.log1p(softmax_error(x, x_err)).gather(-1, idx.reshape(-1, 1)).squeeze(-1)
     got = R.selective_log_softmax(logits, idx, temperature=0.7, chunk_size=5)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    p = torch.softmax(z, -1)
-    ent = -(p * torch.log_softmax(z, -1)).sum(-1)
-    torch.testing.assert_close(R.entropy_from_logits(logits, temperature=0.7, chunk_size=4), ent, rtol=1e-5, atol=1e-5)
+    assert_close_to_oracle(got.reshape(-1), want, bound, name="log-prob")
+    # entropy lse − Σ p·x: lse's bound, Σ_v (|Δp_v|·|x_v| + p_v·Δx_v), the V-term sum and the last subtraction
+    p = torch.softmax(x, -1)
+    lse = torch.logsumexp(x, -1)
+    ent = lse - (p * x).sum(-1)
+    px = (p * x.abs()).sum(-1)
+    ent_bound = (lse_error(x, x_err).squeeze(-1) + (p * softmax_error(x, x_err) * x.abs() + p * x_err).sum(-1)
+                 + (accum(v) + 2 * u) * px + u * (ent.abs() + px + lse.abs()))
+    assert_close_to_oracle(R.entropy_from_logits(logits, temperature=0.7, chunk_size=4).reshape(-1), ent, ent_bound,
+                           name="entropy")
     # uniform logits: entropy log V
     assert R.entropy_from_logits(torch.zeros(2, 64)).tolist() == pytest.approx([math.log(64)] * 2)
     with pytest.raises(ValueError, match="index"):
-        R.selective_log_softmax(logits, idx[:, :3])
+        R.selective_log_softmax(logits, idx[:, :-1])
 
 
 def test_policy_loss_from_hidden_matches_composition():
@@ -416,9 +437,18 @@ def test_policy_loss_from_hidden_matches_composition():
     logp = R.selective_log_softmax(h @ W.t(), y, temperature=0.9)
     counts = R.GlobalCounts(torch.tensor(11.0), torch.tensor(2.0), torch.tensor(0.0))
     want, _ = R.policy_loss(logp, old, adv, mask, ref_logp=ref, kl_coef=0.2, clip_ratio_c=3.0, counts=counts)
-    torch.testing.assert_close(out.loss, want)
-    torch.testing.assert_close(out.logp[mask], logp.detach()[mask])
-    torch.testing.assert_close(out.entropy, R.entropy_from_logits(h @ W.t(), temperature=0.9))
+    # both against the float64 oracle (numerics.policy_oracle: logits over H = 16 terms, log-softmax over
+    # V = 40, the clipped ratio and k3 with their roundings, the 10-token weighted sum)
+    o = policy_oracle(h, W, torch.where(mask, y, -100), old, adv, mask, ref_logp=ref, kl_coef=0.2, clip_ratio_c=3.0,
+                      temperature=0.9, num_tokens=11)
+    assert_close_to_oracle(out.loss, o.loss, o.loss_bound, name="from hidden")
+    assert_close_to_oracle(want, o.loss, o.loss_bound, name="composition")
+    m = mask.reshape(-1)
+    assert_close_to_oracle(out.logp.reshape(-1)[m], o.logp[m], o.logp_bound[m], name="from hidden logp")
+    assert_close_to_oracle(logp.reshape(-1)[m], o.logp[m], o.logp_bound[m], name="composition logp")
+    assert_close_to_oracle(out.entropy.reshape(-1), o.entropy, o.entropy_bound, name="from hidden entropy")
+    assert_close_to_oracle(R.entropy_from_logits(h @ W.t(), temperature=0.9).reshape(-1), o.entropy,
+                           o.entropy_bound, name="composition entropy")
 
 
 def test_bf16_logp_is_weighted_in_fp32():
