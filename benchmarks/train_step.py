@@ -85,7 +85,7 @@ from typing import Callable
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]  # the repository (benchmarks/ is one level down)
 DEFAULT_CASES = ("sft,distill,distill_chunked,distill_eager,rl_update,rl_update_eager,rollout,distill_fsdp,"
                  "distill_fsdp_chunked")
 CASES = ("sft", "distill", "distill_chunked", "distill_eager", "distill_fsdp", "distill_fsdp_chunked",

@@ -164,8 +164,8 @@ class RL(KatStage):
         self.model.train()
         if self.ref_model is not None:
             self.ref_model.to(self.device)
-        self.loss_impl, why = select_loss_impl(self.loss_impl_requested, self.model, self.loss_kw.get("ratio_level",
-                                                                                                       "token"))
+        ratio_level = self.loss_kw.get("ratio_level", "token")
+        self.loss_impl, why = select_loss_impl(self.loss_impl_requested, self.model, ratio_level)
         log.info(f"policy loss: {self.loss_impl} ({why}); algorithm={self.algo}, reference model: "
                  f"{'yes' if self.ref_model is not None else 'no'}")
         for lg in self.loggers:
