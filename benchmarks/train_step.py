@@ -36,7 +36,7 @@ Cases (``--cases``, run in the order given):
 * ``distill_chunked`` — the same with ``loss.impl=chunked`` (:func:`kat.losses.uld.uld_loss_chunked`: exact,
   rows in blocks, gradient formed in forward). ``distill_fsdp_chunked`` — that under FSDP2.
 * ``distill_fsdp`` — ``distill`` with the student wrapped by FSDP2 as ``strategy=fsdp`` does
-  (:func:`kat.stages.fsdp.shard_model`: ``fully_shard`` per decoder layer, the MTP depths
+  (:func:`kat.trainer.fsdp.shard_model`: ``fully_shard`` per decoder layer, the MTP depths
   (``Distill.fsdp_extra_units``), then the root; ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``
   on CUDA) on a world of 1 (``init_process_group`` nccl on CUDA, gloo on CPU, rank 0, world 1, 127.0.0.1 and
   a free port).
@@ -59,7 +59,7 @@ per step / step time (rollout: generated tokens); peak memory = ``torch.cuda.max
 the case started (models, optimizer state and activations; "–" on CPU). The script sets
 ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` unless the environment already sets it.
 
-MFU (kat.stages.base.Throughput, docs/design.md §6) = tokens/s × FLOPs per token / peak, peak ``--peak-tflops``
+MFU (kat.trainer.callbacks.Throughput, docs/design.md §6) = tokens/s × FLOPs per token / peak, peak ``--peak-tflops``
 (989 TFLOP/s dense bf16, H100/H200); FLOPs per token = 6·N + 6·L·d·T for the trained model (N = trainable
 parameters, embeddings and head included, tied weights once, MTP heads included; L layers, d hidden size,
 T sequence length) + 2·N_t + 2·L_t·d_t·T for the teacher forward (``Distill.teacher_flops_per_token``).
@@ -312,7 +312,7 @@ class _WorldOfOne:
 def case_distill(ctx: Ctx, B: int, row: Row, impl: str, fsdp: bool = False, shard_mtp: bool = True) -> Row:
     from kat.models import mtp as mtp_lib
     from kat.models.teacher import OnlineTeacher
-    from kat.stages import fsdp as kat_fsdp
+    from kat.trainer import fsdp as kat_fsdp
     from kat.stages.distill import Distill
 
     T = ctx.args.seq

@@ -49,7 +49,7 @@ def test_kernels_import_only_torch_and_triton():
 # The floors (docs/design.md): imports only go down. Entry points → stages (LightningModules) and trainer plumbing
 # → the libraries (losses, rewards, rollout, data, models, tracking, rl, …) → kat_kernels.
 ENTRY = {"train", "pipeline", "eval", "generate", "chat", "synth", "teacher_cache", "upscale", "sweep"}
-TRAINING = {"stages", "trainer", "progress"}
+TRAINING = {"stages", "trainer"}
 
 
 def _floor(top: str) -> int:

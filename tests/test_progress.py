@@ -1,4 +1,4 @@
-"""kat.progress: the plain progress lines of a run whose stdout is no terminal (step/total, rate, ETA), the last step
+"""kat.trainer.progress: the plain progress lines of a run whose stdout is no terminal (step/total, rate, ETA), the last step
 always logged (a run shorter than log_every_n_steps), and what the pipeline shows (k of n, passed-through lines,
 the overall ETA scaled from reference times)."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import re
 import pytest
 from omegaconf import OmegaConf
 
-from kat import progress
+from kat.trainer import progress
 from kat_testing import run_module
 
 TINY = ["model.arch.hidden_size=32", "model.arch.num_hidden_layers=1", "model.arch.num_attention_heads=2",
@@ -24,9 +24,9 @@ STAGE = {
     "coldstart": ["+stage=coldstart", "trainer.val_check_interval=4", "stage.module.val.max_new_tokens=16"],
 }
 # the first step's line and the last one's (ETA 0s on a run this fast)
-FIRST = re.compile(r"\[kat\.progress\]\[INFO\] - step 1/4 \(25 %\) · [\d.]+ (steps/s|s/step) · ETA \d+s · "
+FIRST = re.compile(r"\[kat\.trainer\.progress\]\[INFO\] - step 1/4 \(25 %\) · [\d.]+ (steps/s|s/step) · ETA \d+s · "
                    r"train/loss [\d.]+")
-LAST = re.compile(r"\[kat\.progress\]\[INFO\] - step 4/4 \(100 %\) · [\d.]+ (steps/s|s/step) · done in \d+s")
+LAST = re.compile(r"\[kat\.trainer\.progress\]\[INFO\] - step 4/4 \(100 %\) · [\d.]+ (steps/s|s/step) · done in \d+s")
 
 
 @pytest.mark.parametrize("stage", ["distill", "coldstart"])
@@ -72,12 +72,12 @@ def test_durations_and_lines_parse_back():
         assert progress.parse_duration(progress.fmt_duration(s)) == pytest.approx(s, abs=60 if s >= 3600 else 0)
     assert progress.fmt_duration(283) == "4m43s" and progress.fmt_duration(3725) == "1h02m"
     assert progress.fmt_rate(3.14) == "3.1 steps/s" and progress.fmt_rate(0.25) == "4.0 s/step"
-    line = ("[2026-12-04 20:10:02,157][kat.progress][INFO] - step 120/1000 (12 %) · 3.1 steps/s · ETA 4m43s · "
+    line = ("[2026-12-04 20:10:02,157][kat.trainer.progress][INFO] - step 120/1000 (12 %) · 3.1 steps/s · ETA 4m43s · "
             "train/loss 1.2\n")
     assert progress.parse_line(line) == {"step": 120, "total": 1000, "eta_s": 283,
                                          "text": "step 120/1000 (12 %) · 3.1 steps/s · ETA 4m43s · train/loss 1.2"}
     assert progress.parse_line("[..][kat.stages.base][INFO] - step 3 of something") is None
-    assert progress.parse_line("[..][kat.progress][INFO] - validation at step 4 …") is None
+    assert progress.parse_line("[..][kat.trainer.progress][INFO] - validation at step 4 …") is None
 
 
 def test_pipeline_lines_show_the_step_and_the_overall_eta(monkeypatch, capsys):
@@ -94,9 +94,9 @@ def test_pipeline_lines_show_the_step_and_the_overall_eta(monkeypatch, capsys):
     assert p.remaining(current_eta=60) == pytest.approx(2 * 100 - 30 + 2 * 50)  # the child's ETA is less
     assert p.remaining(current_eta=250) == pytest.approx(250 + 2 * 50)  # the child's ETA is more: it counts
     with p.watch("coldstart") as feed:
-        feed("[t][kat.progress][INFO] - step 30/100 (30 %) · 0.3 steps/s · ETA 4m10s · train/loss 2.5\n")
+        feed("[t][kat.trainer.progress][INFO] - step 30/100 (30 %) · 0.3 steps/s · ETA 4m10s · train/loss 2.5\n")
         feed("[t][kat.stages.base][INFO] - [step 30] validation (mode=auto): all: on=1.00\n")
-        feed("[t][kat.progress][INFO] - validation at step 30 …\n")
+        feed("[t][kat.trainer.progress][INFO] - validation at step 30 …\n")
         feed("[t][kat.data][INFO] - something else\n")
     out = capsys.readouterr().out.splitlines()
     assert out == ["  [2/3 coldstart] step 30/100 (30 %) · 0.3 steps/s · ETA 4m10s · train/loss 2.5 · "

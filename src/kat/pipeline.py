@@ -29,7 +29,7 @@ checkpoint (``model.path`` passed explicitly). Steps (``recipe.steps``):
 The top-level ``labels=generator|vote|synth`` (conf/pipeline.yaml; default null = as ``recipe.steps`` say)
 swaps the recipe's labelling step: :func:`resolve_steps`.
 
-While it runs: the recipe step (``[k/n step]``), the child's progress (:mod:`kat.progress`: a bar in a terminal,
+While it runs: the recipe step (``[k/n step]``), the child's progress (:mod:`kat.trainer.progress`: a bar in a terminal,
 its lines otherwise), the elapsed time and an ETA scaled from ``recipe.seconds`` or an earlier run's times.
 
 Output: a per-level table (think-on rate, accuracy, mean tokens) and ``summary.json`` (docs/design.md §4,
@@ -49,7 +49,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from kat import tracking
-from kat.progress import PipelineProgress, reference_seconds
+from kat.trainer.progress import PipelineProgress, reference_seconds
 from kat.config import CONF_DIR
 from kat.utils import get_logger, log_tail
 

@@ -88,7 +88,7 @@ def build_strategy(cfg: DictConfig):
 
 def build_plugins(strategy) -> list:
     """Atomic single-file checkpoints (the FSDP strategy writes its sharded ones atomically itself)."""
-    from kat.stages.fsdp import AtomicCheckpointIO, KatFSDPStrategy
+    from kat.trainer.fsdp import AtomicCheckpointIO, KatFSDPStrategy
 
     return [] if isinstance(strategy, KatFSDPStrategy) else [AtomicCheckpointIO()]
 

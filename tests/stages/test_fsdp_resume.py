@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kat.stages.fsdp import AtomicCheckpointIO, _swap_in
+from kat.trainer.fsdp import AtomicCheckpointIO, swap_in
 from kat_testing import run_module
 
 TINY = ["+stage=coldstart", "data.n_train_per_level=8", "data.n_val_per_level=1", "data.batch_size=4",
@@ -140,7 +140,7 @@ def test_swap_keeps_old_until_new_is_in_place(tmp_path):
     (path / "a").write_text("old")
     tmp.mkdir()
     (tmp / "a").write_text("new")
-    _swap_in(tmp, path)
+    swap_in(tmp, path)
     assert (path / "a").read_text() == "new" and not tmp.exists()
     assert not (tmp_path / "last.ckpt.old").exists()
 

@@ -88,13 +88,13 @@ LearningRateMonitorConfig = signature_schema(LearningRateMonitor, "LearningRateM
 
 @dataclass
 class LogLastStepConfig:
-    """``callbacks.log_last_step`` (kat.stages.base.LogLastStep)."""
+    """``callbacks.log_last_step`` (kat.trainer.callbacks.LogLastStep)."""
     _target_: str = MISSING
 
 
 @dataclass
 class ThroughputConfig:
-    """``callbacks.throughput`` (kat.stages.base.Throughput)."""
+    """``callbacks.throughput`` (kat.trainer.callbacks.Throughput)."""
     _target_: str = MISSING
     peak_tflops: float = MISSING
     log_every_n_steps: int = MISSING
@@ -102,7 +102,7 @@ class ThroughputConfig:
 
 @dataclass
 class ProgressConfig:
-    """``callbacks.progress`` (kat.progress.Progress)."""
+    """``callbacks.progress`` (kat.trainer.progress.Progress)."""
     _target_: str = MISSING
     style: str = MISSING
     every_n_seconds: float = MISSING

@@ -182,7 +182,7 @@ class DDPStrategyConfig:
 
 @dataclass
 class FSDPStrategyConfig:
-    """``strategy=fsdp`` (kat.stages.fsdp.KatFSDPStrategy)."""
+    """``strategy=fsdp`` (kat.trainer.fsdp.KatFSDPStrategy)."""
     _target_: str = MISSING
     data_parallel_size: Any = MISSING  # auto | an int
     save_distributed_checkpoint: bool = MISSING

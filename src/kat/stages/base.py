@@ -7,7 +7,6 @@ it needs from the composed config (kat.train calls it), ``self.model`` (an HF ca
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import torch
 from kat import metrics
 from kat.models import hf
 from kat.rollout.evaluate import complete_and_grade
-from kat.stages import fsdp
+from kat.trainer import distributed, fsdp
 from kat.utils import get_logger
 
 log = get_logger(__name__)
@@ -82,12 +81,12 @@ class KatStage(L.LightningModule):
         return int(self.global_step) * int(self.trainer.accumulate_grad_batches)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["kat_rng"] = _gather_rng()
+        checkpoint["kat_rng"] = distributed.gather_rng()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         states = checkpoint.get("kat_rng")
         if states:
-            _set_rng(states[min(_rank(), len(states) - 1)])
+            distributed.set_rng(states[min(distributed.rank(), len(states) - 1)])
 
     # ------------------------------------------------------------------ optimizer
     def trainable_parameters(self):
@@ -147,136 +146,15 @@ class KatStage(L.LightningModule):
         """Write the trained model as a plain HF checkpoint. Call on every rank: a sharded model is
         gathered (collective); rank 0 writes."""
         model = fsdp.unsharded_copy(self.model) if fsdp.is_sharded(self.model) else self.model
-        if _rank() == 0:
+        if distributed.rank() == 0:
             hf.save(model, self.tokenizer, directory)
-        _barrier()
+        distributed.barrier()
         return Path(directory)
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _gather_rng() -> list[dict]:
-    """Every rank's torch/python/numpy RNG state (rank order); a collective under distributed runs."""
-    import random
-
-    import numpy as np
-    import torch.distributed as dist
-
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    # plain lists and tensors only: checkpoints load with torch.load(weights_only=True)
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    if dist.is_available() and dist.is_initialized():
-        out: list = [None] * dist.get_world_size()
-        dist.all_gather_object(out, state)
-        return out
-    return [state]
-
-
-def _set_rng(state: dict) -> None:
-    import random
-
-    import numpy as np
-
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _fmt(summary: dict[str, dict]) -> str:
     return "; ".join(f"{g}: on={m['think_on_rate']:.2f} acc={m['acc']:.2f} tok={m['tokens_mean']:.1f}"
                      for g, m in summary.items())
-
-
-class Throughput(L.Callback):
-    """Logs ``perf/tokens_per_s`` (non-padding input tokens per second, all ranks) and, on GPU, ``perf/mfu``.
-
-    MFU = tokens/s × FLOPs per token / peak (docs/design.md §6): FLOPs per token = 6·N + 6·L·d·T for the
-    trained model, plus 2·N_t + 2·L_t·d_t·T for a teacher forward (``module.teacher_flops_per_token``).
-    """
-
-    def __init__(self, peak_tflops: float = 989.0, log_every_n_steps: int = 10):
-        self.peak = peak_tflops * 1e12
-        self.every = log_every_n_steps
-        self._t0 = None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self._t0 = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self._t0 is None or not isinstance(batch, dict) or "attention_mask" not in batch:
-            return
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - self._t0
-        mask = batch["attention_mask"]
-        tokens = float(mask.sum()) * trainer.world_size
-        tps = tokens / max(dt, 1e-9)
-        out = {"perf/tokens_per_s": tps}
-        if torch.cuda.is_available():
-            cfg = pl_module.model.config
-            # N = trained parameters (model + MTP heads; frozen teacher/reference excluded).
-            # Under FSDP each rank holds a shard: count the full sizes.
-            n = sum(_full_numel(p) for p in pl_module.trainable_parameters())
-            T = mask.shape[1]
-            flops = 6 * n + 6 * cfg.num_hidden_layers * cfg.hidden_size * T
-            flops += getattr(pl_module, "teacher_flops_per_token", lambda T: 0)(T)
-            out["perf/mfu"] = tps * flops / (self.peak * trainer.world_size)
-        if trainer.global_step % self.every == 0 or trainer.global_step >= trainer.max_steps > 0:
-            pl_module.log_dict(out, rank_zero_only=True)  # the last step too (LogLastStep has it logged)
-
-
-class LogLastStep(L.Callback):
-    """The last training step is always logged: Lightning logs every ``trainer.log_every_n_steps``-th step only,
-    so a run shorter than that recorded no ``train/*`` at all, and a longer one ended on an unlogged step unless
-    ``max_steps`` was a multiple of the period.
-
-    On the batches of the last optimizer step (``global_step + 1 == max_steps``) the trainer's period is set to 1,
-    and set back when training ends. List it before ``LearningRateMonitor`` (conf/callbacks/default.yaml) so that
-    the learning rate is logged at that step too. Stages that log through the loggers themselves (RL) are not
-    affected.
-    """
-
-    def __init__(self):
-        self._period: int | None = None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        last = trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step + 1
-        if last and self._period is None and trainer.log_every_n_steps > 1:
-            self._period, trainer.log_every_n_steps = trainer.log_every_n_steps, 1
-
-    def on_train_end(self, trainer, pl_module):
-        self._restore(trainer)
-
-    def on_exception(self, trainer, pl_module, exception):
-        self._restore(trainer)
-
-    def _restore(self, trainer) -> None:
-        if self._period is not None:
-            trainer.log_every_n_steps, self._period = self._period, None
-
-
-def _full_numel(p: torch.Tensor) -> int:
-    """Parameter count of ``p``, unsharded (DTensor shards report their global shape)."""
-    return int(torch.Size(p.shape).numel())
 
 
 def as_dict(x: Any) -> dict:

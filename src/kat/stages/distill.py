@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from kat.models import forward as forward_lib
 from kat.models import mtp as mtp_lib
 from kat.models.teacher import OfflineTeacher, OnlineTeacher, answer_positions, build_teacher, data_fingerprint
-from kat.stages import fsdp
+from kat.trainer import fsdp
 from kat.stages.base import KatStage, as_dict
 from kat.utils import get_logger
 from kat_kernels import interpreter_requested

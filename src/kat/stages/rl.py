@@ -56,7 +56,7 @@ from kat.rl.credit import (Credit, RolloutBatch, assign_credit, build_credit_con
 from kat.rl.metrics import step_metrics
 from kat.rl.update import select_loss_impl
 from kat.rollout import hf as hf_rollout
-from kat.stages import fsdp
+from kat.trainer import fsdp
 from kat.stages.base import KatStage, as_dict
 from kat.utils import get_logger
 

@@ -28,7 +28,7 @@ from kat.utils import get_logger
 log = get_logger(__name__)
 
 
-def _swap_in(tmp: Path, path: Path) -> None:
+def swap_in(tmp: Path, path: Path) -> None:
     """Replace ``path`` by ``tmp`` (files or folders); a crash leaves either the old or the new one."""
     old = path.with_name(path.name + ".old")
     if old.exists():
@@ -53,7 +53,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())
-        _swap_in(tmp, path)
+        swap_in(tmp, path)
 
 
 class KatFSDPStrategy(ModelParallelStrategy):
@@ -87,7 +87,7 @@ class KatFSDPStrategy(ModelParallelStrategy):
         super().save_checkpoint(checkpoint, tmp, storage_options)
         self.barrier("kat_ckpt_written")
         if self.global_rank == 0:
-            _swap_in(tmp, path)
+            swap_in(tmp, path)
         self.barrier("kat_ckpt_swapped")
 
 

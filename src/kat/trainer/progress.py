@@ -65,7 +65,7 @@ LINE = re.compile(r"step (?P<step>\d+)(?:/(?P<total>\d+))?(?: \(\d+ %\))?(?P<res
 
 def parse_line(line: str) -> dict | None:
     """``{"step", "total", "eta_s", "text"}`` of a :class:`Progress` log line (None for any other line)."""
-    if "[kat.progress]" not in line:
+    if "[kat.trainer.progress]" not in line:
         return None
     text = line.rstrip().split(" - ", 1)[-1]
     m = LINE.match(text)
@@ -283,8 +283,8 @@ class PipelineProgress:
     ``bar``: a rich bar per training step (default: when stdout is a terminal), else plain lines.
     """
 
-    #: child log lines shown besides kat.progress's (steps, validation phases)
-    SHOW = ("[kat.progress]", "validation (mode=", "Error", "error:")
+    #: child log lines shown besides kat.trainer.progress's (steps, validation phases)
+    SHOW = ("[kat.trainer.progress]", "validation (mode=", "Error", "error:")
 
     def __init__(self, steps: list[str], reference: dict[str, float] | None = None, source: str = "",
                  *, bar: bool | None = None):
