@@ -323,7 +323,7 @@ def case_distill(ctx: Ctx, B: int, row: Row, impl: str, fsdp: bool = False, shar
     t_model.requires_grad_(False)
     teacher = OnlineTeacher({"single": t_model}, columns=ctx.arch["vocab_size"], dtype="auto")
     module = Distill(student, None, optim={"lr": 1e-5}, val={}, teacher=teacher, mtp=heads,
-                     loss={"impl": impl}, impl=impl)
+                     loss=dict(load_yaml("conf/stage/distill.yaml")["loss"]), impl=impl)  # the stage's weights
     module.to(ctx.device)
     teacher.to(ctx.device)  # on_fit_start: bf16 on CUDA, fp32 on CPU (teacher.dtype=auto)
     module.model.train()
