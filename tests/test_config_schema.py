@@ -78,6 +78,86 @@ def test_unknown_key_on_the_command_line_fails(compose_cfg, stage, options, key)
     assert "not a field of" in text
 
 
+# the RL-owned groups (kat.rl.config): one typo per typed node under +stage=rl
+RL_TYPOS = [
+    ([], "algorithm.typo"),
+    ([], "algorithm.credit.typo"),
+    ([], "algorithm.loss.typo"),
+    ([], "algorithm.resampling.typo"),
+    ([], "algorithm.ref_acc.typo"),
+    *[([f"algorithm={a}"], k) for a in ("grpo", "dapo", "adaptthink", "thinkless")
+      for k in ("algorithm.typo", "algorithm.credit.typo", "algorithm.loss.typo")],
+    ([], "reward.typo"),
+    ([], "reward.math.typo"),
+    ([], "reward.code.typo"),
+    ([], "rollout.typo"),
+    (["rollout=vllm"], "rollout.typo"),
+    ([], "stage.typo"),
+    ([], "stage.module.typo"),
+    ([], "stage.module.val.typo"),
+    ([], "stage.module.update.typo"),
+]
+
+
+@pytest.mark.parametrize("plus", ["+", ""], ids=["append", "override"])
+@pytest.mark.parametrize("options,key", RL_TYPOS, ids=[f"{'-'.join(o) or 'default'}:{k}" for o, k in RL_TYPOS])
+def test_unknown_key_in_an_rl_group_fails(compose_cfg, plus, options, key):
+    """``+key=`` (kat.config.check) and ``key=`` (Hydra: no such key in the schema) both name the key."""
+    _fails(compose_cfg, ["+stage=rl", *options, f"{plus}{key}=1"], key)
+
+
+@pytest.mark.parametrize("algorithm,key", [
+    ("grpo", "judge_weight"), ("dapo", "modulation"), ("adaptthink", "format_penalty"), ("thinkless", "scale"),
+    ("step_srpo", "delta"), ("step_srpo", "overlong_factor"),
+])
+def test_credit_keys_belong_to_their_algorithm(compose_cfg, algorithm, key):
+    """Each algorithm's schema lists exactly its own ``credit`` keys."""
+    text = _fails(compose_cfg, ["+stage=rl", f"algorithm={algorithm}", f"algorithm.credit.{key}=1"],
+                  f"algorithm.credit.{key}")
+    assert "CreditConfig" in text
+
+
+def test_rl_groups_are_typed(compose_cfg):
+    from kat.rl import config as C
+
+    for algorithm, typ in [("step_srpo", C.StepSRPOAlgorithmConfig), ("grpo", C.GRPOAlgorithmConfig),
+                           ("dapo", C.DAPOAlgorithmConfig), ("adaptthink", C.AdaptThinkAlgorithmConfig),
+                           ("thinkless", C.ThinklessAlgorithmConfig)]:
+        cfg = compose_cfg(["+stage=rl", f"algorithm={algorithm}"])
+        assert OmegaConf.get_type(cfg.algorithm) is typ
+        for node in (cfg.algorithm, cfg.rollout, cfg.reward, cfg.stage):  # every field set by the YAML
+            OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
+    assert OmegaConf.get_type(cfg.stage) is C.RLStageConfig and OmegaConf.get_type(cfg.reward) is C.RewardConfig
+    assert OmegaConf.get_type(cfg.rollout) is C.HFRolloutConfig
+    vllm = compose_cfg(["+stage=rl", "rollout=vllm"]).rollout
+    assert OmegaConf.get_type(vllm) is C.VLLMRolloutConfig
+    OmegaConf.to_container(vllm, throw_on_missing=True)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("rollout.group_size=abc", "rollout.group_size"),
+    ("rollout.temperature=hot", "rollout.temperature"),
+    ("algorithm.loss.clip_eps_high=wide", "algorithm.loss.clip_eps_high"),
+    ("algorithm.credit.judge_weight=heavy", "algorithm.credit.judge_weight"),
+    ("algorithm.resampling.history=perhaps", "algorithm.resampling.history"),
+    ("algorithm.ref_acc.samples=some", "algorithm.ref_acc.samples"),
+    ("reward.timeout_s=slow", "reward.timeout_s"),
+    ("reward.math.numeric_precision=high", "reward.math.numeric_precision"),
+    ("reward.code.allow_unsandboxed=perhaps", "reward.code.allow_unsandboxed"),
+    ("stage.module.update.micro_batch_size=big", "stage.module.update.micro_batch_size"),
+    ("stage.module.plots=maybe", "stage.module.plots"),
+    ("stage.module.log_samples=few", "stage.module.log_samples"),
+])
+def test_wrongly_typed_rl_value_fails(compose_cfg, override, key):
+    _fails(compose_cfg, ["+stage=rl", override], key)
+
+
+def test_wrongly_typed_value_in_an_rl_option_schema(compose_cfg):
+    _fails(compose_cfg, ["+stage=rl", "algorithm=dapo", "algorithm.credit.overlong_cache_len=long"],
+           "algorithm.credit.overlong_cache_len")
+    _fails(compose_cfg, ["+stage=rl", "rollout=vllm", "rollout.sleep_level=deep"], "rollout.sleep_level")
+
+
 @pytest.mark.parametrize("override,key", [
     ("trainer.max_steps=abc", "trainer.max_steps"),
     ("model.mtp_depth=x", "model.mtp_depth"),
@@ -192,7 +272,7 @@ def test_store_registers_a_schema_for_another_package(compose_cfg, tmp_path):
     class Probe:
         size: int = MISSING
 
-    # a group the root declares as Any (rollout: RL-owned, not typed yet) gets a schema from an option's defaults
+    # a group the root declares as Any (rollout: each option names its own schema) gets one from an option's defaults
     kat.config.store("rollout", "probe_schema", Probe)
     (tmp_path / "rollout").mkdir()
     (tmp_path / "rollout" / "probe.yaml").write_text("defaults:\n  - probe_schema\n  - _self_\nsize: 3\n")
@@ -218,6 +298,11 @@ def test_entry_point_fails_before_training(tmp_path):
     cases = [([*base, "+model.mtp_dept=1"], "model.mtp_dept"),
              ([*base, "trainer.max_steps=abc"], "trainer.max_steps"),
              ([*base, f"--config-dir={tmp_path / 'conf'}"], "batch_sise")]
+    rl = ["kat.train", "+stage=rl", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"]
+    cases += [([*rl, "+algorithm.loss.clip_eps_hihg=0.3"], "algorithm.loss.clip_eps_hihg"),  # the issue's example
+              ([*rl, "algorithm.loss.clip_eps_hihg=0.3"], "clip_eps_hihg"),
+              ([*rl, "algorithm=grpo", "algorithm.credit.judge_weight=1"], "judge_weight"),
+              ([*rl, "rollout.group_size=many"], "rollout.group_size")]
     for args, key in cases:
         r = run_module(args, cwd=tmp_path, env_extra={"OMP_NUM_THREADS": "1"}, timeout=300)
         assert r.returncode != 0, (args, r.stdout[-2000:])

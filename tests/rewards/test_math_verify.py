@@ -103,7 +103,7 @@ def test_bad_arguments_raise_naming_them():
         km.verify(None, "1")
     with pytest.raises(ValueError, match="timeout_s"):
         km.verify(A("1"), "1", timeout_s=0)
-    with pytest.raises(ValueError, match="unknown reward.math"):
+    with pytest.raises(TypeError, match="'precision'"):  # reward.math typos fail at compose time (kat.rl.config)
         km.verify(A("1"), "1", config={"precision": 3})
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError
 
 from kat import models
 from kat.losses import grpo as G
@@ -29,7 +31,8 @@ def setup(compose_cfg):
     _, mask = roll.response_tensors(tok.pad_token_id)
     tensors = {"old": old + 0.05 * torch.randn(old.shape, generator=gen) * mask,
                "adv": torch.randn(old.shape, generator=gen) * mask, "mask": mask, "ref": None, "dec": None}
-    kw = U.loss_kwargs({"loss": {"clip_eps_low": 0.2, "clip_eps_high": 0.28}}, max_new_tokens=T)
+    loss = OmegaConf.merge(cfg.algorithm.loss, {"clip_eps_low": 0.2, "clip_eps_high": 0.28})
+    kw = U.loss_kwargs(loss, max_new_tokens=T)
     spec = U.LossSpec(kw=kw, impl="torch", temperature=1.0, pad_id=tok.pad_token_id)
     return model, roll, tensors, spec
 
@@ -76,13 +79,21 @@ def test_update_steps_the_optimizer_per_mini_batch_and_clips(setup):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-def test_update_config_and_loss_settings_are_checked():
+def test_update_config_and_loss_settings_are_checked(compose_cfg):
+    cfg = compose_cfg(["+stage=rl"])  # the typed nodes (kat.rl.config) the RL stage reads
+    upd = cfg.stage.module["update"]  # .update: the mapping method
     with pytest.raises(ValueError, match="stage.module.update.mini_batches must be >= 1"):
-        U.UpdateConfig.from_dict({"mini_batches": 0})
-    assert U.UpdateConfig.from_dict({"grad_clip": None, "micro_batch_size": 4}) == U.UpdateConfig(micro_batch_size=4)
-    with pytest.raises(ValueError, match="unknown algorithm.loss key"):
-        U.loss_kwargs({"loss": {"clip_eps": 0.2}}, 16)
-    assert U.loss_kwargs({"loss": {}}, 16)["norm_const"] == 16.0
-    assert U.wants_reference({"loss": {"kl_coef": 0.1}}) and not U.wants_reference({"loss": {}})
+        U.UpdateConfig.from_config(OmegaConf.merge(upd, {"mini_batches": 0}))
+    assert U.UpdateConfig.from_config(OmegaConf.merge(upd, {"grad_clip": None, "micro_batch_size": 4})) \
+        == U.UpdateConfig(micro_batch_size=4, grad_clip=None)
+    assert U.UpdateConfig.from_config(upd) == U.UpdateConfig()  # the dataclass defaults are conf/stage/rl.yaml's
+    with pytest.raises(ConfigKeyError, match="clip_eps"):  # an unknown algorithm.loss key: its schema rejects it
+        OmegaConf.merge(cfg.algorithm.loss, {"clip_eps": 0.2})
+    assert U.loss_kwargs(OmegaConf.merge(cfg.algorithm.loss, {"norm_const": None}), 16)["norm_const"] == 16.0
+
+    def algo(**loss):
+        return OmegaConf.merge(cfg.algorithm, {"loss": {"kl_coef": 0.0, "reference": "auto", **loss}})
+
+    assert U.wants_reference(algo(kl_coef=0.1)) and not U.wants_reference(algo())
     with pytest.raises(ValueError, match="needs a reference model"):
-        U.wants_reference({"loss": {"kl_coef": 0.1, "reference": False}})
+        U.wants_reference(algo(kl_coef=0.1, reference=False))

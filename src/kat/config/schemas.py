@@ -5,8 +5,8 @@ comments live in the YAML file, which names its schema first in its defaults lis
 _self_]``). A field has no default (``MISSING``) unless some YAML file legitimately omits the key; each such
 default says why. Lightning-typed schemas (``trainer``, ``callbacks``) are in :mod:`kat.config.lightning`.
 
-Not typed yet (RL-owned, being restructured): ``reward``, ``algorithm``, ``rollout`` and the ``stage`` node of
-``+stage=rl`` (``TrainConfig`` declares them as ``Any``).
+The RL-owned groups (``reward``, ``algorithm``, ``rollout`` and the ``stage`` node of ``+stage=rl``) are typed by
+:mod:`kat.rl.config`; :func:`register` stores them too.
 """
 from __future__ import annotations
 
@@ -288,15 +288,15 @@ class TrainConfig:
     model: ModelConfig = MISSING
     teacher: Any = MISSING  # OnlineTeacherConfig | DualTeacherConfig | OfflineTeacherConfig (the option's schema)
     data: Any = MISSING  # SyntheticDataConfig | JsonlDataConfig | MixDataConfig (the option's schema)
-    reward: Any = MISSING  # not typed yet (RL-owned)
-    algorithm: Any = MISSING  # not typed yet (RL-owned)
-    rollout: Any = MISSING  # not typed yet (RL-owned)
+    reward: Any = MISSING  # kat.rl.config.RewardConfig
+    algorithm: Any = MISSING  # kat.rl.config.<Name>AlgorithmConfig (the option's schema)
+    rollout: Any = MISSING  # kat.rl.config.HFRolloutConfig | VLLMRolloutConfig
     strategy: Any = MISSING  # AutoStrategyConfig | DDPStrategyConfig | FSDPStrategyConfig
     trainer: Any = MISSING  # kat.config.lightning.TrainerConfig
     logger: LoggerConfig = MISSING
     callbacks: Any = MISSING  # kat.config.lightning.CallbacksConfig
     paths: PathsConfig = MISSING
-    stage: Any = None  # absent until +stage=...: StageConfig for distill/coldstart (rl: not typed yet)
+    stage: Any = None  # absent until +stage=...: StageConfig for distill/coldstart, kat.rl.config.RLStageConfig for rl
     task_name: str = MISSING
     seed: int = MISSING
     ckpt_path: Optional[str] = MISSING
@@ -326,8 +326,13 @@ SCHEMAS: list[tuple[str | None, str, type]] = [
 
 
 def register() -> None:
-    """Store every schema of this module in Hydra's ConfigStore (idempotent)."""
+    """Store every schema of this module and of :mod:`kat.rl.config` in Hydra's ConfigStore (idempotent)."""
     from kat.config import store
+    from kat.rl import config as rl_config  # dependency-free (no torch, no lightning)
 
     for group, name, node in SCHEMAS:
+        store(group, name, node)
+    # kat.rl.config imports this module: when it was imported first it is still partial here and registers its
+    # schemas itself once defined
+    for group, name, node in getattr(rl_config, "SCHEMAS", ()):
         store(group, name, node)

@@ -21,7 +21,7 @@ cold-start label (``prior``) and, for AdaptThink, the reference accuracy. Rows a
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import NamedTuple
 
@@ -462,16 +462,13 @@ def assign_credit(algorithm: str, batch: RolloutBatch, cfg=None, **overrides) ->
     return _to_device(fn(batch, cfg), batch.segment_ids.device)
 
 
-def build_credit_config(algorithm: Mapping):
+def build_credit_config(algorithm):
     """The credit dataclass of ``algorithm.name`` from ``algorithm.credit`` (every setting of an estimator lives in
-    its ``conf/algorithm/<name>.yaml``). Unknown keys are an error naming them."""
-    name = algorithm.get("name")
+    its ``conf/algorithm/<name>.yaml``), each field read by attribute. ``algorithm``: the typed config node (its
+    schema, kat.rl.config, rejects a key the estimator lacks at compose time) or an object with the same
+    attributes."""
+    name = algorithm.name
     if name not in ALGORITHMS:
         raise ValueError(f"algorithm.name must be one of {tuple(ALGORITHMS)}, got {name!r}")
     cls, _ = ALGORITHMS[name]
-    kw = dict(algorithm.get("credit") or {})
-    known = {f.name for f in fields(cls)}
-    extra = sorted(set(kw) - known)
-    if extra:
-        raise ValueError(f"unknown algorithm.credit key(s) {extra} for {name}; known: {sorted(known)}")
-    return cls(**kw)
+    return cls(**{f.name: getattr(algorithm.credit, f.name) for f in fields(cls)})

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -197,13 +197,12 @@ class SamplingConfig:
             raise ValueError(f"algorithm.resampling.dynamic_metric must be acc or reward, got {self.dynamic_metric!r}")
 
     @classmethod
-    def from_algorithm(cls, algorithm: Mapping) -> "SamplingConfig":
-        res = dict(algorithm.get("resampling") or {})
-        return cls(history=bool(res.get("history")), dynamic=bool(res.get("dynamic")),
-                   dynamic_metric=str(res.get("dynamic_metric", "acc")),
-                   max_gen_batches=int(res.get("max_gen_batches", 10)),
-                   on_unfilled=str(res.get("on_unfilled", "error")),
-                   force_modes=bool(algorithm.get("force_modes", False)))
+    def from_algorithm(cls, algorithm) -> "SamplingConfig":
+        """From the typed ``algorithm`` node (kat.rl.config): ``algorithm.resampling.*`` and ``force_modes``."""
+        res = algorithm.resampling
+        return cls(history=bool(res.history), dynamic=bool(res.dynamic), dynamic_metric=str(res.dynamic_metric),
+                   max_gen_batches=int(res.max_gen_batches), on_unfilled=str(res.on_unfilled),
+                   force_modes=bool(algorithm.force_modes))
 
 
 def forced_modes(group_size: int, n_prompts: int) -> list[str]:

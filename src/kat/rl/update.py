@@ -46,34 +46,32 @@ LOSS_KEYS = ("clip_eps_low", "clip_eps_high", "clip_ratio_c", "log_ratio_clamp",
 # ==============================================================================================================
 # settings
 # ==============================================================================================================
-def loss_kwargs(algorithm: Mapping, max_new_tokens: int) -> dict:
-    """``kat.losses.grpo.policy_loss`` keyword arguments from ``algorithm.loss`` (``norm_const`` defaults to the
-    rollout budget so ``seq-mean-token-sum-norm`` does not depend on the micro-batch's padded width)."""
-    cfg = dict(algorithm.get("loss") or {})
-    extra = sorted(set(cfg) - set(LOSS_KEYS) - {"reference"})
-    if extra:
-        raise ValueError(f"unknown algorithm.loss key(s) {extra}; known: {sorted(LOSS_KEYS + ('reference',))}")
-    kw = {k: cfg[k] for k in LOSS_KEYS if k in cfg}
-    if kw.get("norm_const") is None:
+def loss_kwargs(loss, max_new_tokens: int) -> dict:
+    """``kat.losses.grpo.policy_loss`` keyword arguments from the typed ``algorithm.loss`` node (kat.rl.config:
+    every key present; its schema rejects any other), read by attribute. ``norm_const`` null is the rollout budget,
+    so ``seq-mean-token-sum-norm`` does not depend on the micro-batch's padded width."""
+    kw = {k: getattr(loss, k) for k in LOSS_KEYS}
+    if kw["norm_const"] is None:
         kw["norm_const"] = float(max_new_tokens)
-    G._choice("algorithm.loss.loss_agg", kw.get("loss_agg", "token-mean"), G.LOSS_AGGREGATIONS)
-    G._choice("algorithm.loss.ratio_level", kw.get("ratio_level", "token"), G.RATIO_LEVELS)
-    G._choice("algorithm.loss.kl_estimator", kw.get("kl_estimator", "k3"), G.KL_ESTIMATORS)
+    G._choice("algorithm.loss.loss_agg", kw["loss_agg"], G.LOSS_AGGREGATIONS)
+    G._choice("algorithm.loss.ratio_level", kw["ratio_level"], G.RATIO_LEVELS)
+    G._choice("algorithm.loss.kl_estimator", kw["kl_estimator"], G.KL_ESTIMATORS)
     return kw
 
 
-def wants_reference(algorithm: Mapping) -> bool:
+def wants_reference(algorithm) -> bool:
     """Keep a frozen reference model: ``algorithm.loss.reference`` true/false, or auto (iff ``kl_coef > 0``);
-    AdaptThink's reference accuracy always needs one."""
-    loss = algorithm.get("loss") or {}
-    ref = loss.get("reference", "auto")
-    if int((algorithm.get("ref_acc") or {}).get("samples", 0) or 0) > 0:
+    AdaptThink's reference accuracy (``algorithm.ref_acc.samples > 0``) always needs one. ``algorithm``: the typed
+    node (kat.rl.config)."""
+    loss = algorithm.loss
+    ref = loss.reference
+    if int(algorithm.ref_acc.samples or 0) > 0:
         return True
     if ref == "auto" or ref is None:
-        return float(loss.get("kl_coef", 0.0)) != 0.0
+        return float(loss.kl_coef) != 0.0
     if not isinstance(ref, bool):
         raise ValueError(f"algorithm.loss.reference must be true, false or auto, got {ref!r}")
-    if not ref and float(loss.get("kl_coef", 0.0)) != 0.0:
+    if not ref and float(loss.kl_coef) != 0.0:
         raise ValueError("algorithm.loss.kl_coef > 0 needs a reference model (algorithm.loss.reference=false)")
     return ref
 
@@ -127,8 +125,8 @@ class UpdateConfig:
 
     ppo_epochs: int = 1
     mini_batches: int = 1
-    micro_batch_size: int = 64
-    grad_clip: float | None = None
+    micro_batch_size: int = 32  # conf/stage/rl.yaml's value (was 64 here)
+    grad_clip: float | None = 1.0  # conf/stage/rl.yaml's value (was None here)
 
     def __post_init__(self) -> None:
         for k in ("ppo_epochs", "mini_batches", "micro_batch_size"):
@@ -136,10 +134,11 @@ class UpdateConfig:
                 raise ValueError(f"stage.module.update.{k} must be >= 1, got {getattr(self, k)}")
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "UpdateConfig":
-        gc = d.get("grad_clip")
-        return cls(ppo_epochs=int(d.get("ppo_epochs", 1)), mini_batches=int(d.get("mini_batches", 1)),
-                   micro_batch_size=int(d.get("micro_batch_size", 64)), grad_clip=None if not gc else float(gc))
+    def from_config(cls, update) -> "UpdateConfig":
+        """From the typed ``stage.module.update`` node (kat.rl.config.RLUpdateConfig), read by attribute."""
+        gc = update.grad_clip
+        return cls(ppo_epochs=int(update.ppo_epochs), mini_batches=int(update.mini_batches),
+                   micro_batch_size=int(update.micro_batch_size), grad_clip=None if not gc else float(gc))
 
 
 def distributed() -> bool:
@@ -198,19 +197,19 @@ def micro_loss(model, roll: hf_rollout.Rollouts, rows: Sequence[int], tensors: d
         from kat_kernels.grpo import fused_policy_loss
 
         hidden = hf_rollout.response_hidden(model, pk)  # (n, T, H)
-        w = G.aggregation_weights(m, kw["loss_agg"], counts=counts, norm_const=kw.get("norm_const"),
+        w = G.aggregation_weights(m, kw["loss_agg"], counts=counts, norm_const=kw["norm_const"],
                                   decision_mask=dec, decision_weight=decision_weight)
         head = head_weight(model)  # gathered by the root forward of response_hidden
         out = fused_policy_loss(
             hidden, head.to(hidden.dtype), pk.response_ids, old, adv, m, ref_logp=ref, token_weights=w,
             temperature=temperature, clip_eps_low=kw["clip_eps_low"], clip_eps_high=kw["clip_eps_high"],
-            clip_ratio_c=kw.get("clip_ratio_c"), log_ratio_clamp=kw.get("log_ratio_clamp", 20.0),
-            kl_coef=kw.get("kl_coef", 0.0), kl_estimator=kw.get("kl_estimator", "k3"), compute_entropy=True,
+            clip_ratio_c=kw["clip_ratio_c"], log_ratio_clamp=kw["log_ratio_clamp"],
+            kl_coef=kw["kl_coef"], kl_estimator=kw["kl_estimator"], compute_entropy=True,
         )
         stats = G.policy_stats(out.logp, old, adv, m, ref_logp=ref, clip_eps_low=kw["clip_eps_low"],
-                               clip_eps_high=kw["clip_eps_high"], clip_ratio_c=kw.get("clip_ratio_c"),
-                               log_ratio_clamp=kw.get("log_ratio_clamp", 20.0),
-                               kl_estimator=kw.get("kl_estimator", "k3"))
+                               clip_eps_high=kw["clip_eps_high"], clip_ratio_c=kw["clip_ratio_c"],
+                               log_ratio_clamp=kw["log_ratio_clamp"],
+                               kl_estimator=kw["kl_estimator"])
         ent = torch.where(m, out.entropy, 0.0).sum()
         return out.loss, stats, ent
     logits = hf_rollout.response_logits(model, pk)  # (n, T, V)

@@ -88,7 +88,7 @@ class VLLMEngine:
         vllm = _import_vllm()
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.sleep_level = int(cfg.get("sleep_level", 1))
+        self.sleep_level = int(cfg.sleep_level)
         if self.sleep_level not in (1, 2):
             raise ValueError(f"rollout.sleep_level must be 1 or 2, got {self.sleep_level}")
         self._tmp = None
@@ -105,22 +105,22 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                         ("MASTER_PORT", str(int(cfg.get("master_port", 29517))))):
+                         ("MASTER_PORT", str(int(cfg.master_port)))):
                 os.environ.setdefault(k, v)
         self.llm = vllm.LLM(
             model=model_path,
             tokenizer=model_path,
-            dtype=str(cfg.get("dtype", "auto")),
-            gpu_memory_utilization=float(cfg.get("gpu_memory_utilization", 0.3)),
-            max_model_len=int(cfg.get("max_model_len", 2048)),
-            enable_prefix_caching=bool(cfg.get("enable_prefix_caching", True)),
+            dtype=str(cfg.dtype),
+            gpu_memory_utilization=float(cfg.gpu_memory_utilization),
+            max_model_len=int(cfg.max_model_len),
+            enable_prefix_caching=bool(cfg.enable_prefix_caching),
             enable_sleep_mode=True,
             tensor_parallel_size=1,
             distributed_executor_backend="external_launcher",
             seed=int(seed),
             logprobs_mode="processed_logprobs",
             worker_extension_cls="kat.rollout.vllm.KatWorkerExtension",
-            enforce_eager=bool(cfg.get("enforce_eager", False)),
+            enforce_eager=bool(cfg.enforce_eager),
         )
         self._vllm = vllm
         self.sleeping = False
@@ -161,8 +161,8 @@ class VLLMEngine:
         self.wake_and_push(model)
         stops = stop_token_ids(tokenizer)
         params = self._vllm.SamplingParams(
-            n=group_size, temperature=temperature, top_p=top_p, top_k=-1 if not self.cfg.get("top_k") else
-            int(self.cfg.get("top_k")), max_tokens=max_new_tokens, stop_token_ids=stops,
+            n=group_size, temperature=temperature, top_p=top_p, top_k=-1 if not self.cfg.top_k else
+            int(self.cfg.top_k), max_tokens=max_new_tokens, stop_token_ids=stops,
             skip_special_tokens=False, logprobs=0 if logprobs == "sampler" else None,
         )
         p_ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]

@@ -66,15 +66,16 @@ log = get_logger(__name__)
 class RL(KatStage):
     """The RL stage (see the module docstring). Construct with :meth:`from_config`."""
 
-    def __init__(self, model, tokenizer, *, optim: dict, val: dict, rollout: dict, algorithm: dict, reward: dict,
-                 update: dict, loss_impl: str = "auto", seed: int = 0, model_path: str | None = None,
-                 validate_at_start: bool = True, validate_at_end: bool = True, plots: bool = True,
-                 log_samples: int = 0):
+    def __init__(self, model, tokenizer, *, optim: dict, val: dict, rollout, algorithm, reward, update,
+                 loss_impl: str, seed: int, model_path: str | None, validate_at_start: bool, validate_at_end: bool,
+                 plots: bool, log_samples: int):
+        """``rollout``, ``algorithm``, ``reward``, ``update``: the typed config nodes (kat.rl.config schemas: every
+        key is present, read by attribute) or objects with the same attributes."""
         super().__init__(model, tokenizer, optim=optim, val=val)
         self.automatic_optimization = False
         # ---- settings: the rl/ dataclasses, from the config groups (rollout, algorithm, reward, update)
-        self.rollout_cfg = dict(rollout)
-        self.reward_cfg = dict(reward)  # verifier settings (timeouts, workers, cache, math, code)
+        self.rollout_cfg = rollout
+        self.reward_cfg = reward  # verifier settings (timeouts, workers, cache, math, code)
         self.seed = int(seed)
         self.model_path = model_path
         self.validate_at_start = bool(validate_at_start)
@@ -82,25 +83,24 @@ class RL(KatStage):
         self.make_plots = bool(plots)
         self.log_samples = int(log_samples)
 
-        self.algo = str(algorithm["name"])
+        self.algo = str(algorithm.name)
         self.credit_cfg = build_credit_config(algorithm)
-        self.group_size = int(rollout.get("group_size", 8))
+        self.group_size = int(rollout.group_size)
         if self.group_size < 2:
             raise ValueError(f"rollout.group_size must be >= 2 (group-relative credit), got {self.group_size}")
-        self.temperature = float(rollout.get("temperature", 1.0))
-        self.max_new_tokens = int(rollout.get("max_new_tokens", 96))
-        self.loss_kw = U.loss_kwargs(algorithm, self.max_new_tokens)
+        self.temperature = float(rollout.temperature)
+        self.max_new_tokens = int(rollout.max_new_tokens)
+        self.loss_kw = U.loss_kwargs(algorithm.loss, self.max_new_tokens)
         self.loss_impl_requested = str(loss_impl)
         self.loss_impl: str | None = None  # decided in on_fit_start (needs the device)
-        self.update_cfg = U.UpdateConfig.from_dict(update)
+        self.update_cfg = U.UpdateConfig.from_config(update)
         self.sampling_cfg = S.SamplingConfig.from_algorithm(algorithm)
         self.history_resampler = S.HistoryResampler() if self.sampling_cfg.history else None
         self.dynamic_sampler = S.DynamicSampler(self.sampling_cfg.max_gen_batches) if self.sampling_cfg.dynamic \
             else None
         self.force = self.sampling_cfg.force_modes
-        ref_acc = dict(algorithm.get("ref_acc") or {})
-        self.ref_acc_samples = int(ref_acc.get("samples", 0) or 0)
-        self.ref_acc_mode = str(ref_acc.get("mode", "on"))
+        self.ref_acc_samples = int(algorithm.ref_acc.samples)
+        self.ref_acc_mode = str(algorithm.ref_acc.mode)
         if self.algo == "adaptthink" and self.ref_acc_samples < 1:
             raise ValueError("algorithm=adaptthink needs algorithm.ref_acc.samples >= 1 (reference accuracy)")
         self.ref_acc_cache: dict[str, float] = {}
@@ -121,23 +121,21 @@ class RL(KatStage):
     @classmethod
     def from_config(cls, cfg, model, tokenizer) -> "RL":
         m = cfg.stage.module
-        rollout = as_dict(cfg.rollout)
-        if rollout.get("engine") == "vllm":
+        if cfg.rollout.engine == "vllm":
             from kat.rollout.vllm import INSTALL_HINT, VLLMUnavailableError, vllm_available
 
             if not vllm_available():
                 raise VLLMUnavailableError(f"{INSTALL_HINT} (vllm is not installed)")
-        path = cfg.model.get("path")
+        path = cfg.model.path
         if not path:
             log.warning("RL from a model built from config (model.path is null): its rollouts are random text and "
                         "every reward is the format penalty; pass model.path=<ColdStart checkpoint> for a real run")
         return cls(
-            model, tokenizer, optim=as_dict(cfg.optim), val=as_dict(m.val), rollout=rollout,
-            algorithm=as_dict(cfg.algorithm), reward=as_dict(cfg.reward), update=as_dict(m["update"]),
+            model, tokenizer, optim=as_dict(cfg.optim), val=as_dict(m.val), rollout=cfg.rollout,
+            algorithm=cfg.algorithm, reward=cfg.reward, update=m["update"],  # m.update: the mapping method
             loss_impl=str(cfg.loss.impl), seed=int(cfg.seed), model_path=path,
-            validate_at_start=bool(m.get("validate_at_start", True)),
-            validate_at_end=bool(m.get("validate_at_end", True)),
-            plots=bool(m.get("plots", True)), log_samples=int(m.get("log_samples", 0)),
+            validate_at_start=bool(m.validate_at_start), validate_at_end=bool(m.validate_at_end),
+            plots=bool(m.plots), log_samples=int(m.log_samples),
         )
 
     # ------------------------------------------------------------------ the step
@@ -164,7 +162,7 @@ class RL(KatStage):
         self.model.train()
         if self.ref_model is not None:
             self.ref_model.to(self.device)
-        ratio_level = self.loss_kw.get("ratio_level", "token")
+        ratio_level = self.loss_kw["ratio_level"]
         self.loss_impl, why = select_loss_impl(self.loss_impl_requested, self.model, ratio_level)
         log.info(f"policy loss: {self.loss_impl} ({why}); algorithm={self.algo}, reference model: "
                  f"{'yes' if self.ref_model is not None else 'no'}")
@@ -173,7 +171,7 @@ class RL(KatStage):
         self.engine = self._build_engine()
 
     def _build_engine(self):
-        engine = self.rollout_cfg.get("engine", "hf")
+        engine = self.rollout_cfg.engine
         if engine == "hf":
             return hf_rollout.HFEngine()
         if engine == "vllm":
@@ -280,17 +278,16 @@ class RL(KatStage):
         fm = S.forced_modes(self.group_size, len(samples)) if self.force else None
         return self.engine.sample(
             self.model, self.tokenizer, self._render(samples), group_size=self.group_size,
-            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=float(rc.get("top_p", 1.0)),
-            batch_size=int(rc.get("batch_size", 64)), force_modes=fm,
-            max_judge_tokens=int(rc.get("max_judge_tokens", 32)),
-            logprobs=str(rc.get("logprobs", "recompute")), logprob_batch_size=int(rc.get("logprob_batch_size", 64)),
+            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=float(rc.top_p),
+            batch_size=int(rc.batch_size), force_modes=fm, max_judge_tokens=int(rc.max_judge_tokens),
+            logprobs=str(rc.logprobs), logprob_batch_size=int(rc.logprob_batch_size),
         )
 
     def _grade(self, rows: Sequence[dict], texts: Sequence[str]) -> tuple[list, dict]:
         rw = self.reward_cfg
         scores, stats, hits = self.grade_cache.grade(
-            rows, texts, use_cache=bool(rw.get("cache", True)), max_workers=int(rw.get("workers", 2)),
-            timeout_s=float(rw.get("timeout_s", 5.0)), code_cfg=rw.get("code"), math_cfg=rw.get("math"),
+            rows, texts, use_cache=bool(rw.cache), max_workers=int(rw.workers),
+            timeout_s=float(rw.timeout_s), code_cfg=rw.code, math_cfg=rw.math,
         )
         return scores, {"timeouts": stats.timeouts, "errors": stats.errors, "graded": stats.n, "cache_hits": hits}
 
@@ -307,11 +304,11 @@ class RL(KatStage):
             comps = hf_rollout.generate(
                 self.ref_model, self.tokenizer, self._render(need), max_new_tokens=self.max_new_tokens, do_sample=True,
                 temperature=self.temperature, num_return_sequences=k, force_mode=self.ref_acc_mode,
-                batch_size=int(self.rollout_cfg.get("batch_size", 64)),
+                batch_size=int(self.rollout_cfg.batch_size),
             )
             rows = [s for s in need for _ in range(k)]
             scores, _ = self._grade(rows, [c.text for c in comps])
-            thr = float(getattr(self.credit_cfg, "correct_threshold", 1.0))
+            thr = float(self.credit_cfg.correct_threshold)
             for b, s in enumerate(need):
                 ok = [is_correct(sc, templates.parse(c.text).well_formed, thr)
                       for sc, c in zip(scores[b * k : (b + 1) * k], comps[b * k : (b + 1) * k])]
