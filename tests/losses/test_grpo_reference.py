@@ -1,4 +1,5 @@
-"""kat.losses.grpo: every estimator against hand-computed numbers, plus micro-batch split invariance."""
+"""kat.losses.grpo (with kat.losses.advantages and kat.losses.aggregation): every estimator against hand-computed
+numbers, plus micro-batch split invariance."""
 from __future__ import annotations
 
 import math
@@ -6,6 +7,8 @@ import math
 import pytest
 import torch
 
+from kat.losses import advantages as A
+from kat.losses import aggregation as AG
 from kat.losses import grpo as R
 from numerics import (accum, assert_close_to_oracle, group_advantage_bound, lse_error, policy_oracle, softmax_error,
                       unit_roundoff)
@@ -40,57 +43,57 @@ def naive_group_advantages(r: torch.Tensor, G: int, eps: float, scale: str, base
 def test_group_advantages_hand_computed():
     r = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
     # group 0: mean 0.5, Bessel var = 4·0.25/3 = 1/3 -> std 0.5773503; group 1: all equal -> 0 exactly
-    a = R.group_advantages(r, 4)
+    a = A.group_advantages(r, 4)
     exp0 = 0.5 / (math.sqrt(1.0 / 3.0) + EPS)  # 0.8660239
     assert exp0 == pytest.approx(0.8660239, abs=1e-6)
     torch.testing.assert_close(a, torch.tensor([exp0, -exp0, -exp0, exp0, 0, 0, 0, 0]), rtol=1e-6, atol=1e-7)
     assert torch.equal(a[4:], torch.zeros(4))
     # batch: mean 1.25, Σ(r − 1.25)² = 2·0.0625 + 2·1.5625 + 4·0.5625 = 5.5 -> std sqrt(5.5/7) = 0.8864053
-    ab = R.group_advantages(r, 4, scale="batch")
+    ab = A.group_advantages(r, 4, scale="batch")
     expb = 0.5 / (math.sqrt(5.5 / 7.0) + EPS)
     assert expb == pytest.approx(0.5640754, abs=1e-6)
     torch.testing.assert_close(ab, torch.tensor([expb, -expb, -expb, expb, 0, 0, 0, 0]), rtol=1e-6, atol=1e-7)
     # none (Dr. GRPO): r − mean
-    torch.testing.assert_close(R.group_advantages(r, 4, scale="none"), torch.tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]))
+    torch.testing.assert_close(A.group_advantages(r, 4, scale="none"), torch.tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]))
     # leave-one-out: r=1 vs others (0+0+1)/3 -> +2/3; r=0 vs (1+0+1)/3 -> −2/3
     torch.testing.assert_close(
-        R.group_advantages(r, 4, scale="none", baseline="loo"),
+        A.group_advantages(r, 4, scale="none", baseline="loo"),
         torch.tensor([2 / 3, -2 / 3, -2 / 3, 2 / 3, 0, 0, 0, 0]),
     )
     # loo with group scale: (2/3)/(std 0.5773503 + eps)
     e = (2 / 3) / (math.sqrt(1 / 3) + EPS)
-    torch.testing.assert_close(R.group_advantages(r, 4, baseline="loo")[:4], torch.tensor([e, -e, -e, e]))
+    torch.testing.assert_close(A.group_advantages(r, 4, baseline="loo")[:4], torch.tensor([e, -e, -e, e]))
 
 
 def test_group_advantages_degenerate_groups():
     r = torch.tensor([0.3, 0.7, 1.1])
-    for scale in R.ADVANTAGE_SCALES:
-        for baseline in R.ADVANTAGE_BASELINES:
-            assert torch.equal(R.group_advantages(r, 1, scale=scale, baseline=baseline), torch.zeros(3))
+    for scale in A.ADVANTAGE_SCALES:
+        for baseline in A.ADVANTAGE_BASELINES:
+            assert torch.equal(A.group_advantages(r, 1, scale=scale, baseline=baseline), torch.zeros(3))
     # equal rewards that do not sum exactly in floating point still give exact zeros, never NaN
     eq = torch.full((14,), 0.1)
-    for scale in R.ADVANTAGE_SCALES:
-        for baseline in R.ADVANTAGE_BASELINES:
-            out = R.group_advantages(eq, 7, scale=scale, baseline=baseline)
+    for scale in A.ADVANTAGE_SCALES:
+        for baseline in A.ADVANTAGE_BASELINES:
+            out = A.group_advantages(eq, 7, scale=scale, baseline=baseline)
             assert torch.equal(out, torch.zeros(14)), (scale, baseline)
-    assert torch.equal(R.group_advantages(torch.tensor([]), 4), torch.zeros(0))
+    assert torch.equal(A.group_advantages(torch.tensor([]), 4), torch.zeros(0))
 
 
 def test_group_advantages_dtypes():
-    assert R.group_advantages(torch.tensor([1, 0, 1, 1]), 2).dtype == torch.float32
-    assert R.group_advantages(torch.tensor([True, False]), 2).tolist() == pytest.approx([0.7071061, -0.7071061])
-    assert R.group_advantages(torch.randn(8, dtype=torch.bfloat16), 4).dtype == torch.bfloat16
-    assert R.group_advantages(torch.randn(8, dtype=torch.float64), 4).dtype == torch.float64
+    assert A.group_advantages(torch.tensor([1, 0, 1, 1]), 2).dtype == torch.float32
+    assert A.group_advantages(torch.tensor([True, False]), 2).tolist() == pytest.approx([0.7071061, -0.7071061])
+    assert A.group_advantages(torch.randn(8, dtype=torch.bfloat16), 4).dtype == torch.bfloat16
+    assert A.group_advantages(torch.randn(8, dtype=torch.float64), 4).dtype == torch.float64
 
 
 @pytest.mark.parametrize("B,G", [(7, 5), (1024, 16), (3, 2)])
-@pytest.mark.parametrize("scale", R.ADVANTAGE_SCALES)
-@pytest.mark.parametrize("baseline", R.ADVANTAGE_BASELINES)
+@pytest.mark.parametrize("scale", A.ADVANTAGE_SCALES)
+@pytest.mark.parametrize("baseline", A.ADVANTAGE_BASELINES)
 def test_group_advantages_random_vs_naive(B, G, scale, baseline):
     g = torch.Generator().manual_seed(B * 100 + G)
     r = torch.randn(B * G, generator=g)
     r[:G] = 0.25  # one equal-reward group
-    got = R.group_advantages(r, G, scale=scale, baseline=baseline)
+    got = A.group_advantages(r, G, scale=scale, baseline=baseline)
     want = naive_group_advantages(r, G, EPS, scale, baseline)  # float64
     # bound of the fp32 evaluation: shifted mean and two-pass Bessel std over G (group) or B·G (batch) terms,
     # the leave-one-out difference, the division by std + eps (numerics.group_advantage_bound)
@@ -112,11 +115,11 @@ def test_group_advantages_random_vs_naive(B, G, scale, baseline):
 )
 def test_group_advantages_bad_args(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        R.group_advantages(**kwargs)
+        A.group_advantages(**kwargs)
 
 
 def test_broadcast_advantages():
-    out = R.broadcast_advantages(torch.tensor([2.0, -1.0]), torch.tensor([[1, 1, 0], [1, 0, 0]]))
+    out = A.broadcast_advantages(torch.tensor([2.0, -1.0]), torch.tensor([[1, 1, 0], [1, 0, 0]]))
     assert torch.equal(out, torch.tensor([[2.0, 2.0, 0.0], [-1.0, 0.0, 0.0]]))
 
 
@@ -188,7 +191,7 @@ def test_ppo_clip_sequence_level_ratio():
     s0, s1 = math.exp(0.2), math.exp(-0.5)
     torch.testing.assert_close(out.ratio, torch.tensor([[s0, s0], [s1, s1]], dtype=torch.float64))
     torch.testing.assert_close(out.loss.detach(), torch.tensor([[-s0, -s0], [-s1, 0.0]], dtype=torch.float64))
-    loss = R.aggregate(out.loss, mask, "seq-mean-token-mean")
+    loss = AG.aggregate(out.loss, mask, "seq-mean-token-mean")
     loss.backward()
     # GSPO gradient: −A·s_i·(1/|y_i|)·∇logπ per token, /N_seq = 2
     torch.testing.assert_close(logp.grad, torch.tensor([[-s0 / 4, -s0 / 4], [-s1 / 2, 0.0]], dtype=torch.float64))
@@ -254,17 +257,17 @@ def test_kl_estimator_errors():
 def test_aggregation_hand_computed():
     loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, float("inf"), float("nan")]])
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
-    assert R.aggregate(loss, mask, "token-mean").item() == pytest.approx(10 / 4)
-    assert R.aggregate(loss, mask, "seq-mean-token-mean").item() == pytest.approx((2 + 4) / 2)
-    assert R.aggregate(loss, mask, "seq-mean-token-sum").item() == pytest.approx((6 + 4) / 2)
-    assert R.aggregate(loss, mask, "seq-mean-token-sum-norm").item() == pytest.approx(10 / (2 * 3))  # C = T = 3
-    assert R.aggregate(loss, mask, "seq-mean-token-sum-norm", norm_const=5).item() == pytest.approx(1.0)
+    assert AG.aggregate(loss, mask, "token-mean").item() == pytest.approx(10 / 4)
+    assert AG.aggregate(loss, mask, "seq-mean-token-mean").item() == pytest.approx((2 + 4) / 2)
+    assert AG.aggregate(loss, mask, "seq-mean-token-sum").item() == pytest.approx((6 + 4) / 2)
+    assert AG.aggregate(loss, mask, "seq-mean-token-sum-norm").item() == pytest.approx(10 / (2 * 3))  # C = T = 3
+    assert AG.aggregate(loss, mask, "seq-mean-token-sum-norm", norm_const=5).item() == pytest.approx(1.0)
     # given step-global counts
-    c = R.GlobalCounts(torch.tensor(8.0), torch.tensor(4.0), torch.tensor(0.0))
-    assert R.aggregate(loss, mask, "token-mean", counts=c).item() == pytest.approx(10 / 8)
-    assert R.aggregate(loss, mask, "seq-mean-token-mean", counts=c).item() == pytest.approx(6 / 4)
+    c = AG.GlobalCounts(torch.tensor(8.0), torch.tensor(4.0), torch.tensor(0.0))
+    assert AG.aggregate(loss, mask, "token-mean", counts=c).item() == pytest.approx(10 / 8)
+    assert AG.aggregate(loss, mask, "seq-mean-token-mean", counts=c).item() == pytest.approx(6 / 4)
     with pytest.raises(ValueError, match="loss_agg"):
-        R.aggregate(loss, mask, "sum")
+        AG.aggregate(loss, mask, "sum")
 
 
 def test_aggregation_decision_term_hand_computed():
@@ -272,9 +275,9 @@ def test_aggregation_decision_term_hand_computed():
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
     dec = torch.tensor([[1, 0, 0], [1, 0, 0]])  # the first token of each row is the decision token
     # main token-mean over {2, 3, 5} = 10/3; decision: 0.1 · mean(1, 4) = 0.25
-    got = R.aggregate(loss, mask, "token-mean", decision_mask=dec, decision_weight=0.1)
+    got = AG.aggregate(loss, mask, "token-mean", decision_mask=dec, decision_weight=0.1)
     assert got.item() == pytest.approx(10 / 3 + 0.25)
-    w = R.aggregation_weights(mask, "token-mean", decision_mask=dec, decision_weight=0.1)
+    w = AG.aggregation_weights(mask, "token-mean", decision_mask=dec, decision_weight=0.1)
     torch.testing.assert_close(w, torch.tensor([[0.05, 1 / 3, 1 / 3], [0.05, 1 / 3, 0.0]]))
 
 
@@ -283,12 +286,12 @@ def test_global_counts_local_and_single_rank_process_group(tmp_path):
     m2 = torch.tensor([[1, 1, 1]])
     d1 = torch.tensor([[1, 0, 0], [0, 0, 0]])
     d2 = torch.tensor([[0, 0, 0]])
-    c = R.global_counts([m1, m2])
+    c = AG.global_counts([m1, m2])
     assert (c.tokens.item(), c.seqs.item(), c.decision_seqs.item()) == (5, 2, 0)
-    c = R.global_counts([m1, m2], decision_masks=[d1, d2])
+    c = AG.global_counts([m1, m2], decision_masks=[d1, d2])
     assert (c.tokens.item(), c.seqs.item(), c.decision_seqs.item()) == (4, 2, 1)
     with pytest.raises(ValueError, match="decision_masks"):
-        R.global_counts([m1, m2], decision_masks=[d1])
+        AG.global_counts([m1, m2], decision_masks=[d1])
     # the all_reduce path, on a one-rank gloo group (a world of one sums to itself)
     import torch.distributed as dist
 
@@ -296,7 +299,7 @@ def test_global_counts_local_and_single_rank_process_group(tmp_path):
         pytest.skip("torch.distributed unavailable")
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
-        c = R.global_counts([m1, m2])
+        c = AG.global_counts([m1, m2])
         assert (c.tokens.item(), c.seqs.item()) == (5, 2)
     finally:
         dist.destroy_process_group()
@@ -309,7 +312,7 @@ def _loss_and_grad(logp, old, adv, mask, ref, dec, **kw):
     return loss.detach(), lp.grad
 
 
-@pytest.mark.parametrize("loss_agg", R.LOSS_AGGREGATIONS)
+@pytest.mark.parametrize("loss_agg", AG.LOSS_AGGREGATIONS)
 @pytest.mark.parametrize("with_decision", [False, True])
 def test_micro_batch_and_rank_split_invariance(loss_agg, with_decision):
     g = torch.Generator().manual_seed(7)
@@ -326,7 +329,7 @@ def test_micro_batch_and_rank_split_invariance(loss_agg, with_decision):
     full_loss, full_grad = _loss_and_grad(logp, old, adv, mask, ref, dec, **kw)
     # micro-batches [2, 1, 3] on one rank, normalised by the step's counts
     splits = [slice(0, 2), slice(2, 3), slice(3, 6)]
-    counts = R.global_counts([mask[s] for s in splits],
+    counts = AG.global_counts([mask[s] for s in splits],
                              decision_masks=None if dec is None else [dec[s] for s in splits])
     tot_loss, grads = 0.0, []
     for s in splits:
@@ -339,8 +342,8 @@ def test_micro_batch_and_rank_split_invariance(loss_agg, with_decision):
     # two data-parallel ranks of 3 rows each: counts /W because DDP averages gradients across ranks
     W = 2
     ranks = [slice(0, 3), slice(3, 6)]
-    glob = R.global_counts([mask[s] for s in ranks], decision_masks=None if dec is None else [dec[s] for s in ranks])
-    per_rank = R.GlobalCounts(*(x / W for x in glob))
+    glob = AG.global_counts([mask[s] for s in ranks], decision_masks=None if dec is None else [dec[s] for s in ranks])
+    per_rank = AG.GlobalCounts(*(x / W for x in glob))
     rank_losses, rank_grads = [], []
     for s in ranks:
         l, gr = _loss_and_grad(logp[s], old[s], adv[s], mask[s], ref[s], None if dec is None else dec[s],
@@ -364,13 +367,13 @@ def test_policy_loss_composes_clip_kl_and_aggregation():
     loss, st = R.policy_loss(logp, old, adv, mask, ref_logp=ref, kl_coef=0.1, kl_estimator="k2", clip_ratio_c=2.0)
     clip = R.ppo_clip_loss(logp, old, adv, mask, clip_ratio_c=2.0)
     kl = R.kl_estimate(logp, ref, "k2")
-    want = R.aggregate(clip.loss + 0.1 * kl, mask)
+    want = AG.aggregate(clip.loss + 0.1 * kl, mask)
     # the same fp32 per-token terms summed in another association: Σw·pg + 0.1·Σw·kl against Σw·(pg + 0.1·kl).
     # Each side's 24-term sums are off by ≤ accum(24)·Σ|terms|, and the per-token products/sums by 3u.
-    w = R.aggregation_weights(mask, "token-mean").double()
+    w = AG.aggregation_weights(mask, "token-mean").double()
     terms = (w * (clip.loss.double().abs() + 0.1 * kl.double().abs()) * mask).sum()
     assert_close_to_oracle(loss, want.double(), (2 * accum(24) + 3 * unit_roundoff(torch.float32)) * terms)
-    torch.testing.assert_close(st.pg_loss, R.aggregate(clip.loss, mask))
+    torch.testing.assert_close(st.pg_loss, AG.aggregate(clip.loss, mask))
     torch.testing.assert_close(st.kl, R.masked_mean(kl, mask))
     assert st.num_tokens.item() == int(mask.sum())
     assert st.clip_frac.item() == clip.clip_frac.item()
@@ -435,7 +438,7 @@ def test_policy_loss_from_hidden_matches_composition():
     out = R.policy_loss_from_hidden(h, W, torch.where(mask, y, -100), old, adv, mask, ref_logp=ref, kl_coef=0.2,
                                     clip_ratio_c=3.0, temperature=0.9, compute_entropy=True, num_tokens=11)
     logp = R.selective_log_softmax(h @ W.t(), y, temperature=0.9)
-    counts = R.GlobalCounts(torch.tensor(11.0), torch.tensor(2.0), torch.tensor(0.0))
+    counts = AG.GlobalCounts(torch.tensor(11.0), torch.tensor(2.0), torch.tensor(0.0))
     want, _ = R.policy_loss(logp, old, adv, mask, ref_logp=ref, kl_coef=0.2, clip_ratio_c=3.0, counts=counts)
     # both against the float64 oracle (numerics.policy_oracle: logits over H = 16 terms, log-softmax over
     # V = 40, the clipped ratio and k3 with their roundings, the 10-token weighted sum)

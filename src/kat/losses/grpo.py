@@ -1,15 +1,14 @@
-"""GRPO-family RL math as pure PyTorch functions: the oracles for ``kat_kernels.grpo``.
+"""GRPO-family policy loss as pure PyTorch functions: the oracles for ``kat_kernels.grpo``.
 
 Everything here is specified, with formulas and departures from the papers, in ``docs/algorithms.md``
-(§2 advantages, §3 clipped policy loss, §4 KL estimators, §5 aggregation). Summary:
+(§3 clipped policy loss, §4 KL estimators). The advantages (§2) are in :mod:`kat.losses.advantages`, the
+aggregation and step-global counts (§5) in :mod:`kat.losses.aggregation`; the names the RL module and the
+docs use are importable from here too (:func:`group_advantages`, :func:`global_counts`, :class:`GlobalCounts`,
+:func:`aggregation_weights`, ``LOSS_AGGREGATIONS``). Summary:
 
-* :func:`group_advantages` (contract): ``(r − mean_g)/(std_g + eps)`` with a Bessel std, or the batch std,
-  or no scaling (Dr. GRPO); optional leave-one-out baseline (RLOO). Rows are prompt-major (``i = b*G + j``).
 * :func:`ppo_clip_loss`: per-token PPO clip with separate ``eps_low``/``eps_high`` (clip-higher), optional
   dual clip, log-ratio clamp, token- or sequence-level (GSPO) ratio; clip-fraction and ratio stats.
 * :func:`kl_estimate`: ``k1``, ``k2``, ``k3``, ``k3+`` against a frozen reference with verl's clamps.
-* :func:`aggregation_weights` / :func:`aggregate`: ``token-mean`` and the three sequence modes, normalised by
-  counts that the caller makes step-global with :func:`global_counts`, plus Thinkless' decision term.
 * :func:`policy_loss`: the single entry the RL module calls with config values; returns ``(loss, stats)``.
 * :func:`selective_log_softmax`, :func:`entropy_from_logits`, :func:`policy_loss_from_hidden` (the twin of the
   fused Triton loss ``kat_kernels.grpo.fused_policy_loss``).
@@ -19,28 +18,22 @@ Shapes: ``B`` rows (rollouts), ``T`` padded response length, ``V`` vocabulary, `
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from kat.losses._checks import _choice, _count, _same_shape
+from kat.losses.advantages import group_advantages
+from kat.losses.aggregation import LOSS_AGGREGATIONS, GlobalCounts, aggregation_weights, global_counts
+
 __all__ = [
-    "ADVANTAGE_SCALES",
-    "ADVANTAGE_BASELINES",
     "KL_ESTIMATORS",
-    "LOSS_AGGREGATIONS",
     "RATIO_LEVELS",
     "ClipLoss",
-    "GlobalCounts",
     "HiddenPolicyLoss",
     "PolicyLossStats",
-    "aggregate",
-    "aggregation_weights",
-    "broadcast_advantages",
     "entropy_from_logits",
-    "global_counts",
-    "group_advantages",
     "kl_estimate",
     "masked_mean",
     "policy_loss",
@@ -48,121 +41,21 @@ __all__ = [
     "policy_stats",
     "ppo_clip_loss",
     "selective_log_softmax",
+    # re-exported (documented here; defined in kat.losses.advantages / kat.losses.aggregation)
+    "LOSS_AGGREGATIONS",
+    "GlobalCounts",
+    "aggregation_weights",
+    "global_counts",
+    "group_advantages",
 ]
 
-ADVANTAGE_SCALES = ("group", "batch", "none")
-ADVANTAGE_BASELINES = ("mean", "loo")
 KL_ESTIMATORS = ("k1", "k2", "k3", "k3+")
-LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 RATIO_LEVELS = ("token", "sequence")
 
 # verl's clamps for the k3 estimator (volcengine/verl, core_algos.py ``kl_penalty``; docs/algorithms.md §4):
 # input |x| <= 20, output in [-10, 10].
 K3_INPUT_CLAMP = 20.0
 K3_OUTPUT_CLAMP = 10.0
-
-
-# --------------------------------------------------------------------------------------------------------------
-# validation helpers
-# --------------------------------------------------------------------------------------------------------------
-def _choice(name: str, value: str, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-    return value
-
-
-def _same_shape(ref_name: str, ref: Tensor, **others: Tensor | None) -> None:
-    for name, t in others.items():
-        if t is not None and tuple(t.shape) != tuple(ref.shape):
-            raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(t.shape)}")
-
-
-def _check_group_args(rewards: Tensor, group_size: int, eps: float) -> None:
-    if not isinstance(rewards, Tensor):
-        raise TypeError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
-    if rewards.dim() != 1:
-        raise ValueError(f"rewards must be 1-D [B*G] (prompt-major), got shape {tuple(rewards.shape)}")
-    if rewards.is_complex():
-        raise TypeError(f"rewards must be real, got {rewards.dtype}")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
-    if rewards.numel() % group_size != 0:
-        raise ValueError(f"rewards has {rewards.numel()} entries, not a multiple of group_size={group_size}")
-    if not (eps >= 0.0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a finite non-negative float, got {eps!r}")
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _out_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype if dtype.is_floating_point else torch.float32
-
-
-# --------------------------------------------------------------------------------------------------------------
-# advantages
-# --------------------------------------------------------------------------------------------------------------
-def group_advantages(
-    rewards: Tensor, group_size: int, *, eps: float = 1e-6, scale: str = "group", baseline: str = "mean"
-) -> Tensor:
-    """Group-relative advantages (docs/design.md §5, contract; docs/algorithms.md §2).
-
-    ``rewards`` is ``[B*G]``, prompt-major (row ``b*G + j`` is rollout ``j`` of prompt ``b``)::
-
-        c_i = r_i − mean_g(r)                  baseline="mean"
-        c_i = r_i − mean_{g, j≠i}(r)           baseline="loo"  (RLOO; = G/(G−1)·(r_i − mean_g))
-        A_i = c_i / (std_g + eps)              scale="group", std with Bessel's correction
-        A_i = c_i / (std_batch + eps)          scale="batch", Bessel std over all B*G rewards given
-        A_i = c_i                              scale="none" (Dr. GRPO)
-
-    ``group_size == 1`` gives zeros. The group mean is shifted by the group's first reward, so a group of
-    equal rewards gives exactly 0 (never NaN). Computed in fp32 (fp64 for fp64 input); returned in the
-    rewards' dtype (fp32 for integer/bool rewards).
-
-    >>> group_advantages(torch.tensor([1.0, 0.0, 2.0, 2.0]), 2, scale="none")
-    tensor([ 0.5000, -0.5000,  0.0000,  0.0000])
-    """
-    _check_group_args(rewards, group_size, eps)
-    _choice("scale", scale, ADVANTAGE_SCALES)
-    _choice("baseline", baseline, ADVANTAGE_BASELINES)
-    out_dtype = _out_dtype(rewards.dtype)
-    if group_size == 1 or rewards.numel() == 0:
-        return torch.zeros(rewards.shape, dtype=out_dtype, device=rewards.device)
-    r = rewards.to(_compute_dtype(rewards.dtype))
-    if not bool(torch.isfinite(r).all()):
-        raise ValueError("rewards must be finite (drop ungradable groups before computing advantages)")
-    G = group_size
-    rg = r.view(-1, G)  # (B, G)
-    shift = rg[:, :1]  # (B, 1)
-    dev = rg - shift  # (B, G), exactly 0 for equal rewards
-    dev_sum = dev.sum(dim=1, keepdim=True)  # (B, 1)
-    mean = shift + dev_sum / G  # (B, 1)
-    if baseline == "mean":
-        centred = rg - mean  # (B, G)
-    else:  # leave-one-out: b_i = shift + (Σ_j dev_j − dev_i)/(G−1)
-        centred = dev - (dev_sum - dev) / (G - 1)  # (B, G)
-    if scale == "group":
-        d = rg - mean
-        std = torch.sqrt((d * d).sum(dim=1, keepdim=True) / (G - 1))  # (B, 1)
-        adv = centred / (std + eps)
-    elif scale == "batch":
-        flat = r - (r[:1] + (r - r[:1]).sum() / r.numel())  # (B*G,)
-        std = torch.sqrt((flat * flat).sum() / (r.numel() - 1))  # ()
-        adv = centred / (std + eps)
-    else:
-        adv = centred
-    return adv.reshape(-1).to(out_dtype)
-
-
-def broadcast_advantages(advantages: Tensor, mask: Tensor) -> Tensor:
-    """Outcome credit: ``A_{i,t} = A_i·m_{i,t}``. ``advantages [B]``, ``mask [B, T]`` -> ``[B, T]`` fp32."""
-    if advantages.dim() != 1 or mask.dim() != 2 or mask.shape[0] != advantages.shape[0]:
-        raise ValueError(
-            f"advantages must be [B] and mask [B, T] with the same B, got {tuple(advantages.shape)} "
-            f"and {tuple(mask.shape)}"
-        )
-    return advantages.float()[:, None] * mask.float()  # (B, T)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -359,163 +252,6 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, estimator: str = "k3") -> Tensor
         return _k3(x)
     k2 = 0.5 * x * x
     return k2 + (_k3(x) - k2).detach()
-
-
-# --------------------------------------------------------------------------------------------------------------
-# aggregation and step-global counts
-# --------------------------------------------------------------------------------------------------------------
-class GlobalCounts(NamedTuple):
-    """Normalisers for one optimisation step (docs/algorithms.md §5). 0-dim fp64 tensors.
-
-    ``tokens``: valid (non-decision) tokens; ``seqs``: rows with >= 1 such token; ``decision_seqs``: rows with
-    >= 1 decision token. Summed over the micro-batches given and, when torch.distributed is initialised, over
-    the ranks; divided by the world size when gradients are averaged across ranks (DDP/FSDP).
-    """
-
-    tokens: Tensor
-    seqs: Tensor
-    decision_seqs: Tensor
-
-
-def _as_list(x: Tensor | Sequence[Tensor] | None) -> list[Tensor] | None:
-    if x is None:
-        return None
-    return [x] if isinstance(x, Tensor) else list(x)
-
-
-def _local_counts(ms: list[Tensor], ds: list[Tensor] | None) -> Tensor:
-    """``[tokens, seqs, decision_seqs]`` (fp64) of these masks, on the masks' device."""
-    acc = torch.zeros(3, dtype=torch.float64, device=ms[0].device)
-    for k, m in enumerate(ms):
-        if m.dim() != 2:
-            raise ValueError(f"masks[{k}] must be [b, T], got shape {tuple(m.shape)}")
-        mb = m.bool()
-        if ds is not None:
-            d = ds[k].bool()
-            if d.shape != mb.shape:
-                raise ValueError(f"decision_masks[{k}] must have shape {tuple(mb.shape)}, got {tuple(d.shape)}")
-            acc[2] += (d & mb).any(-1).sum()
-            mb = mb & ~d
-        acc[0] += mb.sum()
-        acc[1] += mb.any(-1).sum()
-    return acc
-
-
-def global_counts(
-    masks: Tensor | Sequence[Tensor],
-    *,
-    decision_masks: Tensor | Sequence[Tensor] | None = None,
-    group=None,
-    divide_by_world_size: bool = True,
-) -> GlobalCounts:
-    """Step-global token and sequence counts for :func:`aggregation_weights` / :func:`policy_loss`.
-
-    ``masks``: the response masks ``[b, T]`` of all micro-batches this rank will run in the step (one tensor or
-    a list); ``decision_masks`` the matching decision masks (Thinkless' control token), which are excluded from
-    ``tokens``/``seqs`` and counted in ``decision_seqs``. If ``torch.distributed`` is initialised the counts are
-    all-reduced (SUM) over ``group``; with ``divide_by_world_size`` (default) they are then divided by the
-    group's size, because DDP/FSDP average gradients over ranks: each rank's ``Σ_local/(N/W)`` averaged over
-    ranks is exactly ``Σ_all/N``. One small all-reduce, no host sync.
-    """
-    ms = _as_list(masks)
-    if not ms:
-        raise ValueError("masks must hold at least one [b, T] mask")
-    ds = _as_list(decision_masks)
-    if ds is not None and len(ds) != len(ms):
-        raise ValueError(f"decision_masks must match masks one to one, got {len(ds)} and {len(ms)}")
-    acc = _local_counts(ms, ds)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(acc, op=torch.distributed.ReduceOp.SUM, group=group)
-        if divide_by_world_size:
-            acc = acc / torch.distributed.get_world_size(group)
-    return GlobalCounts(tokens=acc[0], seqs=acc[1], decision_seqs=acc[2])
-
-
-def _count(value: Tensor | float | None, default: Tensor, name: str) -> Tensor:
-    """A normaliser as a 0-dim fp64 tensor on ``default``'s device: ``value`` if given, else ``default``."""
-    if value is None:
-        return default.to(torch.float64)
-    if isinstance(value, Tensor):
-        return value.to(device=default.device, dtype=torch.float64).reshape(())
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    return torch.tensor(float(value), dtype=torch.float64, device=default.device)
-
-
-def aggregation_weights(
-    mask: Tensor,
-    loss_agg: str = "token-mean",
-    *,
-    counts: GlobalCounts | None = None,
-    norm_const: float | None = None,
-    decision_mask: Tensor | None = None,
-    decision_weight: float = 1.0,
-) -> Tensor:
-    """Per-token weights ``w [B, T]`` (fp32) with ``loss = Σ w·ℓ`` (docs/algorithms.md §5).
-
-    ============================  ===================================
-    ``token-mean``                ``1/N_tok``
-    ``seq-mean-token-mean``       ``1/(N_seq·n_i)``, ``n_i`` row's valid tokens
-    ``seq-mean-token-sum``        ``1/N_seq``
-    ``seq-mean-token-sum-norm``   ``1/(N_seq·norm_const)`` (Dr. GRPO; default ``norm_const = T``)
-    decision tokens               ``decision_weight/(N_dec·d_i)``, ``d_i`` row's decision tokens
-    ============================  ===================================
-
-    ``counts`` from :func:`global_counts` make the loss invariant to the micro-batch split and the DP size;
-    ``None`` uses this batch's own counts.
-    Departure: verl's ``seq-mean-token-sum-norm`` does not divide by ``N_seq``; kat does (as TRL ``dr_grpo``).
-    """
-    _choice("loss_agg", loss_agg, LOSS_AGGREGATIONS)
-    if mask.dim() != 2:
-        raise ValueError(f"mask must be [B, T], got shape {tuple(mask.shape)}")
-    m0 = mask.bool()  # (B, T)
-    m, d = m0, None
-    if decision_mask is not None:
-        _same_shape("mask", mask, decision_mask=decision_mask)
-        d = decision_mask.bool() & m0
-        m = m0 & ~d
-    local = _local_counts([m0], None if d is None else [d])  # (3,) this batch's own counts
-    given = (None, None, None) if counts is None else (counts.tokens, counts.seqs, counts.decision_seqs)
-    n_tok = _count(given[0], local[0], "counts.tokens")
-    n_seq = _count(given[1], local[1], "counts.seqs")
-    mf = m.to(torch.float64)  # (B, T)
-    if loss_agg == "token-mean":
-        w = mf / n_tok.clamp(min=1)
-    elif loss_agg == "seq-mean-token-mean":
-        w = mf / mf.sum(-1, keepdim=True).clamp(min=1) / n_seq.clamp(min=1)
-    elif loss_agg == "seq-mean-token-sum":
-        w = mf / n_seq.clamp(min=1)
-    else:
-        c = float(mask.shape[-1]) if norm_const is None else float(norm_const)
-        if not c > 0:
-            raise ValueError(f"norm_const must be > 0, got {norm_const}")
-        w = mf / (n_seq.clamp(min=1) * c)
-    if d is not None:
-        n_dec = _count(given[2], local[2], "counts.decision_seqs")
-        df = d.to(torch.float64)
-        w = w + decision_weight * df / df.sum(-1, keepdim=True).clamp(min=1) / n_dec.clamp(min=1)
-    return w.to(torch.float32)
-
-
-def aggregate(
-    loss: Tensor,
-    mask: Tensor,
-    loss_agg: str = "token-mean",
-    *,
-    counts: GlobalCounts | None = None,
-    norm_const: float | None = None,
-    decision_mask: Tensor | None = None,
-    decision_weight: float = 1.0,
-) -> Tensor:
-    """``Σ_{i,t} w_{i,t}·loss_{i,t}`` with :func:`aggregation_weights`; masked entries may be inf/NaN."""
-    _same_shape("mask", mask, loss=loss)
-    w = aggregation_weights(
-        mask, loss_agg, counts=counts, norm_const=norm_const, decision_mask=decision_mask,
-        decision_weight=decision_weight,
-    )
-    safe = torch.where(mask.bool(), loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
-    acc = torch.promote_types(loss.dtype, torch.float32)  # never weight in bf16 (1/N has 3 digits there)
-    return (safe.to(acc) * w.to(acc)).sum()
 
 
 # --------------------------------------------------------------------------------------------------------------

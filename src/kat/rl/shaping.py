@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from kat.losses.grpo import ADVANTAGE_SCALES
+from kat.losses.advantages import ADVANTAGE_SCALES
 
 __all__ = [
     "MODES",
