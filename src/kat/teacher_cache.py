@@ -4,7 +4,7 @@ Writes the offline teacher cache that ``teacher=offline teacher.cache_dir=OUT`` 
 answer token of every training example (built exactly as ``+stage=distill`` builds them: same data
 config, template, modes, tokenizer and seed), the teacher's top-k token ids (int32), log-probs at
 ``cache.temperature`` (fp16 or fp32, descending) and the tail mass 1 − Σ top-k, in sharded
-safetensors files with a manifest (format: :mod:`kat.models.teacher`, docs/distill.md).
+safetensors files with a manifest (format: :mod:`kat.models.topk_cache`, docs/distill.md).
 
 * Duplicate examples (identical token sequences) are stored once.
 * Each shard is written to a temporary file and renamed; the manifest records it with its sha256 as
@@ -33,6 +33,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kat.models import teacher as T
+from kat.models import topk_cache as C
 from kat.config import CONF_DIR
 from kat.utils import configure_threads, get_logger, git_commit
 
@@ -65,7 +66,7 @@ def unique_examples(examples: Sequence[dict]) -> tuple[list[dict], list[bytes]]:
     seen: set[bytes] = set()
     out, keys = [], []
     for ex in examples:
-        key = T.example_key(ex["input_ids"], ex["labels"])
+        key = C.example_key(ex["input_ids"], ex["labels"])
         if key not in seen:
             seen.add(key)
             out.append(ex)
@@ -76,7 +77,7 @@ def unique_examples(examples: Sequence[dict]) -> tuple[list[dict], list[bytes]]:
 def _pad(batch: Sequence[dict], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n = max(len(e["input_ids"]) for e in batch)
     ids = torch.full((len(batch), n), pad_id, dtype=torch.long)  # (B, T)
-    labels = torch.full((len(batch), n), T.IGNORE, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(batch), n), C.IGNORE, dtype=torch.long)  # (B, T)
     mask = torch.zeros((len(batch), n), dtype=torch.long)  # (B, T)
     for i, e in enumerate(batch):
         L = len(e["input_ids"])
@@ -192,13 +193,13 @@ def write(cfg: DictConfig, on_shard: Callable[[int], None] | None = None) -> Pat
         raise ValueError(f"cache.k={k} exceeds the teacher's {teacher.columns} vocabulary columns")
     if backend == "vllm" and teacher.kind != "online":
         raise ValueError("cache.backend=vllm supports one teacher (teacher=tiny with teacher.path); use hf for dual")
-    identity = {"teacher": teacher.fingerprint(), "tokenizer": T.tokenizer_fingerprint(tokenizer), "k": k,
-                "temperature": temperature, "data": T.data_fingerprint(examples),
+    identity = {"teacher": teacher.fingerprint(), "tokenizer": C.tokenizer_fingerprint(tokenizer), "k": k,
+                "temperature": temperature, "data": C.data_fingerprint(examples),
                 "vocab_columns": teacher.columns, "logprob_dtype": str(dtype).replace("torch.", "")}
     extra = {"teacher_paths": teacher.paths, "backend": backend, "created": datetime.datetime.now().isoformat(),
              "kat_git_commit": git_commit(), "n_examples": len(examples),
              "data_config": OmegaConf.to_container(cfg.data, resolve=True)}
-    writer = T.CacheWriter(c.dir, identity, n_examples=len(uniq), shard_size=int(c.shard_size), extra=extra)
+    writer = C.CacheWriter(c.dir, identity, n_examples=len(uniq), shard_size=int(c.shard_size), extra=extra)
     try:
         todo = writer.pending()
         log.info(f"teacher cache {writer.dir}: {len(examples)} examples ({len(uniq)} distinct), {writer.n_shards} "
@@ -236,7 +237,7 @@ def main(cfg: DictConfig) -> None:
     configure_threads()
     try:
         path = write(cfg)
-    except (T.CacheError, ValueError) as e:
+    except (C.CacheError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     print(Path(path).resolve(), flush=True)

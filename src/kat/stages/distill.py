@@ -40,7 +40,8 @@ import torch.nn.functional as F
 
 from kat.models import forward as forward_lib
 from kat.models import mtp as mtp_lib
-from kat.models.teacher import OfflineTeacher, OnlineTeacher, answer_positions, build_teacher, data_fingerprint
+from kat.models.teacher import OnlineTeacher, answer_positions, build_teacher
+from kat.models.topk_cache import OfflineTeacher, data_fingerprint
 from kat.trainer import fsdp
 from kat.stages.base import KatStage, as_dict
 from kat.utils import get_logger
