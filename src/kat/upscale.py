@@ -30,6 +30,7 @@ from kat import tracking
 from kat.data import schema, templates
 from kat.data.datamodule import load_splits
 from kat.models import upscale as up
+from kat.models import upscale_expand as ux
 from kat.models.hf import torch_dtype
 from kat.models.tokenizer import render_prompt
 from kat.config import CONF_DIR
@@ -268,13 +269,13 @@ def run(cfg: DictConfig) -> Path:
     t2 = time.time()
     if streaming:
         n_params_before = up.CheckpointReader(src).n_parameters()
-        info = up.expand_checkpoint(src, out, plan, init=u.init)
+        info = ux.expand_checkpoint(src, out, plan, init=u.init)
         n_params = info["total_parameters"]
     else:
         n_params_before = sum(p.numel() for p in model.parameters())
-        up.expand_model(model, plan, init=u.init)
+        ux.expand_model(model, plan, init=u.init)
         model.save_pretrained(out, safe_serialization=True)
-        up.copy_aux_files(src, out)
+        ux.copy_aux_files(src, out)
         n_params = sum(p.numel() for p in model.parameters())
     t_expand = time.time() - t2
 

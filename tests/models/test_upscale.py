@@ -1,4 +1,5 @@
-"""kat.models.upscale on tiny Qwen2 / Llama (and Qwen3 / Mistral) models built from config.
+"""kat.models.upscale and kat.models.upscale_expand on tiny Qwen2 / Llama (and Qwen3 / Mistral) models built from
+config.
 
 Analysis against a direct hidden-state computation, selection rules, identity/copy expansion (logits,
 layer order, KV-cache generation), config consistency, reload in plain transformers, and the
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from kat.models import upscale as up
+from kat.models import upscale_expand as ux
 
 VOCAB = 48
 
@@ -164,7 +166,7 @@ def test_plan_layouts():
 def test_identity_init_keeps_the_function_and_generate_works(arch, selection, layers):
     model = tiny(arch)
     plan = up.plan_expansion(4, layers, selection=selection)
-    big = up.expand_model(copy.deepcopy(model), plan, init="identity")
+    big = ux.expand_model(copy.deepcopy(model), plan, init="identity")
     assert big.config.num_hidden_layers == len(big.model.layers) == 4 + len(layers)
     b = batch(3, 13, seed=5)
     with torch.no_grad():
@@ -191,7 +193,7 @@ def test_copy_init_layer_order_and_kv_cache(selection, layers):
     plan = up.plan_expansion(4, layers, selection=selection)
     expected = [0, 1, 1, 2, 2, 3] if selection == "single" else [0, 1, 2, 1, 2, 3]
     assert list(plan.sources) == expected
-    big = up.expand_model(copy.deepcopy(model), plan, init="copy")
+    big = ux.expand_model(copy.deepcopy(model), plan, init="copy")
     for j, layer in enumerate(big.model.layers):
         new = layer.state_dict()
         for k, v in old[expected[j]].items():
@@ -214,7 +216,7 @@ def test_config_per_layer_fields_sliding_window():
     model = tiny("qwen2", layers=4, use_sliding_window=True, sliding_window=4, max_window_layers=2)
     assert model.config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
     plan = up.plan_expansion(4, [1, 2])
-    big = up.expand_model(copy.deepcopy(model), plan, init="identity")
+    big = ux.expand_model(copy.deepcopy(model), plan, init="identity")
     assert big.config.layer_types == ["full_attention"] * 3 + ["sliding_attention"] * 3
     assert big.config.max_window_layers == 3
     assert [layer.self_attn.sliding_window for layer in big.model.layers] == [None] * 3 + [4] * 3
@@ -227,17 +229,17 @@ def test_config_updates_dict_level():
     plan = up.plan_expansion(3, [1])
     cfg = {"model_type": "llama", "num_hidden_layers": 3, "eos_token_id": [1, 2, 3],
            "per_layer_config": {"1": {"intermediate_size": 96}, "2": {"intermediate_size": 128}}}
-    new = up.expand_config_dict(cfg, plan)
+    new = ux.expand_config_dict(cfg, plan)
     assert new["num_hidden_layers"] == 4 and new["eos_token_id"] == [1, 2, 3]
     assert new["per_layer_config"] == {"1": {"intermediate_size": 96}, "2": {"intermediate_size": 96},
                                        "3": {"intermediate_size": 128}}
     assert cfg["num_hidden_layers"] == 3  # input untouched
     with pytest.raises(ValueError, match="'attn_windows'.*per-layer"):
-        up.config_updates({**cfg, "attn_windows": [8, 16, 32]}, plan)
+        ux.config_updates({**cfg, "attn_windows": [8, 16, 32]}, plan)
     with pytest.raises(ValueError, match="layer_types has 2 entries"):
-        up.config_updates({**cfg, "layer_types": ["a", "b"]}, plan)
+        ux.config_updates({**cfg, "layer_types": ["a", "b"]}, plan)
     with pytest.raises(ValueError, match="plan expects 3"):
-        up.config_updates({**cfg, "num_hidden_layers": 5}, plan)
+        ux.config_updates({**cfg, "num_hidden_layers": 5}, plan)
 
 
 def test_unknown_architecture_errors_clearly(tmp_path):
@@ -245,16 +247,16 @@ def test_unknown_architecture_errors_clearly(tmp_path):
 
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=32))
     plan = up.plan_expansion(2, [0])
-    for call in (lambda: up.expand_model(gpt2, plan), lambda: up.analyze_model(gpt2, [batch()])):
+    for call in (lambda: ux.expand_model(gpt2, plan), lambda: up.analyze_model(gpt2, [batch()])):
         with pytest.raises(up.UnsupportedArchitecture, match="model_type='gpt2'.*supported: llama, mistral, qwen2"):
             call()
     gpt2.save_pretrained(tmp_path / "gpt2")
     with pytest.raises(up.UnsupportedArchitecture, match="gpt2"):
-        up.expand_checkpoint(tmp_path / "gpt2", tmp_path / "out", plan)
+        ux.expand_checkpoint(tmp_path / "gpt2", tmp_path / "out", plan)
     with pytest.raises(up.UnsupportedArchitecture, match="gpt2"):
         up.analyze_checkpoint(tmp_path / "gpt2", [batch()])
     with pytest.raises(ValueError, match="upscale.init"):
-        up.expand_model(tiny("qwen2"), up.plan_expansion(4, [1]), init="zeros")
+        ux.expand_model(tiny("qwen2"), up.plan_expansion(4, [1]), init="zeros")
 
 
 # --------------------------------------------------------------------------------- checkpoints on disk
@@ -270,9 +272,9 @@ def test_sharded_expansion_equals_in_memory_and_reloads(arch, tmp_path, char_tok
     assert n_shards > 2
     plan = up.plan_expansion(4, [1, 2])
 
-    info = up.expand_checkpoint(src, tmp_path / "streamed", plan, init="identity")
+    info = ux.expand_checkpoint(src, tmp_path / "streamed", plan, init="identity")
     assert info["files"] == sorted(p.name for p in src.glob("*.safetensors"))
-    mem = up.expand_model(AutoModelForCausalLM.from_pretrained(src), plan, init="identity")
+    mem = ux.expand_model(AutoModelForCausalLM.from_pretrained(src), plan, init="identity")
     mem.save_pretrained(tmp_path / "mem")
 
     streamed, loading = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed", output_loading_info=True)
@@ -307,10 +309,10 @@ def test_single_file_checkpoint_streams_too(tmp_path):
     model.save_pretrained(tmp_path / "src")
     assert (tmp_path / "src" / up.SINGLE_FILE).exists()
     plan = up.plan_expansion(4, [2])
-    up.expand_checkpoint(tmp_path / "src", tmp_path / "out", plan, init="copy")
+    ux.expand_checkpoint(tmp_path / "src", tmp_path / "out", plan, init="copy")
     assert not (tmp_path / "out" / up.INDEX_FILE).exists()
     big = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    ref = up.expand_model(copy.deepcopy(model), plan, init="copy")
+    ref = ux.expand_model(copy.deepcopy(model), plan, init="copy")
     b = batch(2, 9)
     with torch.no_grad():
         torch.testing.assert_close(big(**b).logits, ref(**b).logits)
@@ -331,7 +333,7 @@ def test_analysis_and_expansion_on_cuda(tmp_path):
     for p, q, r in zip(cpu, gpu_mem, gpu_stream):
         assert q.cos_mean == pytest.approx(p.cos_mean, abs=1e-4) and r.cos_mean == pytest.approx(p.cos_mean, abs=1e-4)
     half = copy.deepcopy(model).to("cuda", torch.bfloat16)
-    big = up.expand_model(copy.deepcopy(half), up.plan_expansion(4, [1, 2]), init="identity")
+    big = ux.expand_model(copy.deepcopy(half), up.plan_expansion(4, [1, 2]), init="identity")
     b = {k: v.cuda() for k, v in batch(2, 9).items()}
     with torch.no_grad():
         assert torch.equal(big(**b).logits, half(**b).logits)  # zero blocks add exact zeros, even in bf16
