@@ -13,7 +13,7 @@ hidden size H for the fused-linear cases):
 * kat_kernels.uld.uld_loss from logits;
 * kat.losses.uld.uld_loss_chunked from logits (exact, torch sort, 1024-row blocks);
 * eager linear + ULD (the student logits materialised);
-* kat_kernels.uld.fused_linear_uld_loss (full teacher logits; and a top-k cache with ``--topk`` > 0);
+* kat_kernels.fused_linear_uld.fused_linear_uld_loss (full teacher logits; and a top-k cache with ``--topk`` > 0);
 * kat.losses.uld.fused_linear_uld_loss_chunked (exact, torch sort, Liger's block size);
 * Liger ``LigerFusedLinearJSD`` (teacher given as hidden states + its own head), when liger_kernel imports.
 
@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--shapes must look like 4096x151936,1024x32000, got {args.shapes!r}")
 
     from kat_kernels import uld as K  # after the CUDA check: importing triton needs no GPU, launching does
+    from kat_kernels import fused_linear_uld as FK
 
     try:  # the bounded-memory torch forms (kat itself; the other eager case above is standalone)
         from kat.losses.uld import fused_linear_uld_loss_chunked, uld_loss_chunked
@@ -137,14 +138,14 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(("eager linear + ULD", flabel, *measure(lambda: eager_uld(h @ w.t(), t), [h, w],
                                                                args.reps, args.warmup)))
         rows.append(("kat fused_linear_uld_loss", flabel,
-                     *measure(lambda: K.fused_linear_uld_loss(h, w, t), [h, w], args.reps, args.warmup)))
+                     *measure(lambda: FK.fused_linear_uld_loss(h, w, t), [h, w], args.reps, args.warmup)))
         rows.append(("torch fused-linear chunked (kat.losses.uld.fused_linear_uld_loss_chunked)", flabel,
                      *measure(lambda: fused_linear_uld_loss_chunked(h, w, t), [h, w], args.reps, args.warmup)))
         if args.topk > 0:
             top = torch.log_softmax(t.float(), dim=-1).topk(args.topk, dim=-1).values
             tail = (1.0 - top.exp().sum(-1)).clamp_min(0.0)
             rows.append((f"kat fused_linear_uld_loss top-{args.topk}", flabel,
-                         *measure(lambda: K.fused_linear_uld_loss(h, w, teacher_topk_logprobs=top,
+                         *measure(lambda: FK.fused_linear_uld_loss(h, w, teacher_topk_logprobs=top,
                                                                   teacher_tail_mass=tail),
                                   [h, w], args.reps, args.warmup)))
             del top, tail

@@ -1,4 +1,4 @@
-"""kat_kernels.uld (Triton) against the oracle kat.losses.uld.
+"""kat_kernels.uld and kat_kernels.fused_linear_uld (Triton) against the oracle kat.losses.uld.
 
 On CPU the kernels run in Triton's interpreter: TRITON_INTERPRET=1 must be set before triton decorates them,
 i.e. before ``kat_kernels.uld`` is imported. It is set here only when there is no CUDA device (on a GPU machine
@@ -29,6 +29,10 @@ if "kat_kernels.uld" in sys.modules and not torch.cuda.is_available():
     K = importlib.reload(sys.modules["kat_kernels.uld"])  # imported earlier without the interpreter
 else:
     from kat_kernels import uld as K  # noqa: E402
+if "kat_kernels.fused_linear_uld" in sys.modules and not torch.cuda.is_available():
+    FK = importlib.reload(sys.modules["kat_kernels.fused_linear_uld"])  # rebinds the helpers of the reloaded K
+else:
+    from kat_kernels import fused_linear_uld as FK  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -228,7 +232,7 @@ def test_fused_linear_matches_eager(dtype, bias, reduction, chunk):
     mask = torch.ones(n, dtype=torch.bool, device=DEV)
     mask[[2, 7]] = False
     leaves_k = [x.clone().requires_grad_(True) for x in (h, w) + ((b,) if bias else ())]
-    got = K.fused_linear_uld_loss(leaves_k[0], leaves_k[1], t, lm_head_bias=leaves_k[2] if bias else None,
+    got = FK.fused_linear_uld_loss(leaves_k[0], leaves_k[1], t, lm_head_bias=leaves_k[2] if bias else None,
                                   student_temperature=0.8, teacher_temperature=1.5, mask=mask,
                                   reduction=reduction, chunk_size=chunk)
     (2.0 * got).backward()
@@ -255,8 +259,8 @@ def test_fused_linear_topk_and_mtp_depths_share_weight():
     teacher = _logits(n, 260, 3.0, 22)
     w_k = w.clone().requires_grad_(True)
     h_k = [x.clone().requires_grad_(True) for x in hs]
-    got = K.fused_linear_uld_loss(h_k[0], w_k, teacher) + \
-        0.3 * K.fused_linear_uld_loss(h_k[1], w_k, teacher_topk_logprobs=top, teacher_tail_mass=tail, chunk_size=3)
+    got = FK.fused_linear_uld_loss(h_k[0], w_k, teacher) + \
+        0.3 * FK.fused_linear_uld_loss(h_k[1], w_k, teacher_topk_logprobs=top, teacher_tail_mass=tail, chunk_size=3)
     got.backward()
     r0 = linear_uld_oracle(hs[0], w, None, teacher)
     r1 = linear_uld_oracle(hs[1], w, None, None, teacher_topk_logprobs=top, teacher_tail_mass=tail, upstream=0.3)
@@ -288,13 +292,13 @@ def test_bad_arguments_raise():
         K.uld_loss(s, t, mask=torch.ones(2, dtype=torch.bool, device=DEV))
     h, w = _logits(3, 8, 1.0, 25), _logits(20, 8, 1.0, 26)
     with pytest.raises(ValueError, match="exactly one"):
-        K.fused_linear_uld_loss(h, w)
+        FK.fused_linear_uld_loss(h, w)
     with pytest.raises(ValueError, match="reduction"):
-        K.fused_linear_uld_loss(h, w, t, reduction="none")
+        FK.fused_linear_uld_loss(h, w, t, reduction="none")
     with pytest.raises(ValueError, match="lm_head_weight"):
-        K.fused_linear_uld_loss(h, w[:, :5], t)
+        FK.fused_linear_uld_loss(h, w[:, :5], t)
     with pytest.raises(ValueError, match="teacher_temperature"):
-        K.fused_linear_uld_loss(h, w, teacher_topk_logprobs=t, teacher_temperature=2.0)
+        FK.fused_linear_uld_loss(h, w, teacher_topk_logprobs=t, teacher_temperature=2.0)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
@@ -303,7 +307,7 @@ def test_cpu_tensors_are_refused_outside_the_interpreter(monkeypatch):
     with pytest.raises(RuntimeError, match="CUDA"):
         K.uld_loss(torch.randn(2, 5), torch.randn(2, 5))
     with pytest.raises(RuntimeError, match="CUDA"):
-        K.fused_linear_uld_loss(torch.randn(2, 4), torch.randn(5, 4), torch.randn(2, 5))
+        FK.fused_linear_uld_loss(torch.randn(2, 4), torch.randn(5, 4), torch.randn(2, 5))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
@@ -355,7 +359,7 @@ def test_full_size_extreme_unequal_vocab_and_fused_gpu():
     teacher = _logits(512, 151_936, 3.0, 37, torch.bfloat16)
     h_k, w_k = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
     h_r, w_r = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    got = K.fused_linear_uld_loss(h_k, w_k, teacher)
+    got = FK.fused_linear_uld_loss(h_k, w_k, teacher)
     want = _fused_reference(h_r, w_r, None, teacher)
     assert abs(got.item() - want.item()) <= 1e-3 * want.item()
     got.backward()
