@@ -410,6 +410,18 @@ def rl_setup(ctx: Ctx, n_prompts: int):
     return model, tok, prompts
 
 
+def compose_rl(group_size: int, new_tokens: int, impl: str):
+    """The composed ``+stage=rl`` config (the YAML's defaults, Step-SRPO) with this case's rollout shape."""
+    from hydra import compose, initialize_config_dir
+
+    import kat.config.lightning  # noqa: F401  (registers the config schemas, the Trainer's too)
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=["+stage=rl", f"rollout.group_size={group_size}",
+                                           f"rollout.max_new_tokens={new_tokens}", f"loss.impl={impl}",
+                                           "optim.lr=1e-5", "model.path=null"])
+
+
 def load_yaml(rel: str) -> dict:
     import yaml
 
@@ -423,11 +435,7 @@ def case_rl_update(ctx: Ctx, n_prompts: int, row: Row, impl: str) -> Row:
     a = ctx.args
     G, P, Tn, V = a.group_size, a.prompt_len, a.new_tokens, ctx.arch["vocab_size"]
     model, tok, prompts = rl_setup(ctx, n_prompts)
-    algorithm = load_yaml("conf/algorithm/step_srpo.yaml")
-    update = dict(load_yaml("conf/stage/rl.yaml")["stage"]["module"]["update"])
-    module = RL(model, tok, optim={"lr": 1e-5}, val={}, algorithm=algorithm, reward={},
-                rollout={"group_size": G, "temperature": 1.0, "max_new_tokens": Tn}, update=update,
-                loss_impl=impl)
+    module = RL.from_config(compose_rl(G, Tn, impl), model, tok)  # the stage as +stage=rl builds it
     module.to(ctx.device)
     module.model.eval()  # the RL stage runs the policy without dropout in the update too
     module.loss_impl, why = select_loss_impl(impl, module.model, module.loss_kw.get("ratio_level", "token"))
@@ -443,7 +451,7 @@ def case_rl_update(ctx: Ctx, n_prompts: int, row: Row, impl: str) -> Row:
                "ref": None, "dec": None}
     opt = adamw(module.trainable_parameters(), ctx)
     rows = list(range(N))
-    clip_norm = update.get("grad_clip")
+    clip_norm = module.update_cfg.grad_clip
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -455,7 +463,7 @@ def case_rl_update(ctx: Ctx, n_prompts: int, row: Row, impl: str) -> Row:
 
     sec = time_steps(ctx, step)
     tokens = sum(len(p) + len(r) for p, r in zip(prompt_rows, resp))
-    row.note = f"policy loss {module.loss_impl} ({why}); micro-batch {update.get('micro_batch_size')} rows"
+    row.note = f"policy loss {module.loss_impl} ({why}); micro-batch {module.update_cfg.micro_batch_size} rows"
     return finish(ctx, row, sec, tokens, train_flops_per_token(n_trainable(module.trainable_parameters()),
                                                                ctx.arch, P + Tn))
 
