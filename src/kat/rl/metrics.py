@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from kat import metrics
+from kat.metrics import Record
 from kat.rl.credit import Credit, RolloutBatch
 
 __all__ = ["behaviour_rows", "step_metrics"]
@@ -18,48 +20,36 @@ __all__ = ["behaviour_rows", "step_metrics"]
 
 def behaviour_rows(out: list, samples: Sequence[dict], roll, batch: RolloutBatch, credit: Credit,
                    group_size: int) -> None:
-    """Append one record per rollout of ``roll`` (rows prompt-major over ``samples``) whose group is not skipped."""
+    """Append one :class:`kat.metrics.Record` per rollout of ``roll`` (rows prompt-major over ``samples``) whose
+    group is not skipped."""
     G_ = group_size
     for i in range(len(roll)):
         b = i // G_
         if bool(credit.skipped[b]):
             continue
         s = samples[b]
-        out.append({"level": s.get("level"), "domain": s.get("domain"), "mode": batch.modes[i],
-                    "correct": bool(credit.correct[i]), "tokens": len(roll.response_ids[i]),
-                    "well_formed": bool(batch.well_formed[i]), "truncated": bool(roll.truncated[i])})
+        out.append(Record(level=s.get("level"), domain=s.get("domain"), mode=batch.modes[i],
+                          correct=bool(credit.correct[i]), tokens=len(roll.response_ids[i]),
+                          well_formed=bool(batch.well_formed[i]), truncated=bool(roll.truncated[i])))
 
 
 def step_metrics(col: dict, st: dict, *, group_size: int, history_resampler=None,
                  has_reference: bool = False) -> dict[str, float]:
     """The ``rl/*`` metrics of one step from :func:`kat.rl.sampling.collect`'s result ``col`` and the update's
     stats ``st`` (:func:`kat.rl.update.update`); ``rl/kl`` only with a reference model."""
-    rows = col["all_rows"]
-    out: dict[str, float] = {}
-
-    def block(rs: list[dict], suffix: str = "") -> None:
-        n = len(rs)
-        if n == 0:
-            return
-        out[f"rl/think_on_rate{suffix}"] = sum(r["mode"] == "on" for r in rs) / n
-        out[f"rl/acc{suffix}"] = sum(r["correct"] for r in rs) / n
-        out[f"rl/tokens_mean{suffix}"] = sum(r["tokens"] for r in rs) / n
-
-    block(rows)
-    if not rows:
-        out.update({"rl/think_on_rate": 0.0, "rl/acc": 0.0, "rl/tokens_mean": 0.0})
-    for lv in sorted({r["level"] for r in rows if r["level"] is not None}):
-        block([r for r in rows if r["level"] == lv], f"/level_{lv}")
-    for dom in sorted({r["domain"] for r in rows if r["domain"] is not None}):
-        rs = [r for r in rows if r["domain"] == dom]
-        out[f"rl/think_on_rate/domain_{dom}"] = sum(r["mode"] == "on" for r in rs) / len(rs)
+    rows: list[Record] = col["all_rows"]
+    # think-on rate, accuracy and tokens, overall and per level: the summary blocks of every evaluation (kat.metrics)
+    out: dict[str, float] = metrics.flat(metrics.summarize(rows), prefix="rl")
+    for group, m in metrics.summarize(rows, key="domain").items():
+        if group != "all":
+            out[f"rl/think_on_rate/{group}"] = m["think_on_rate"]
+    by_mode = metrics.summarize(rows, key="mode")
     for mode in ("on", "off"):  # NaN when no rollout chose this mode (undefined, not 0)
-        rs = [r for r in rows if r["mode"] == mode]
-        out[f"rl/tokens_think_{mode}"] = sum(r["tokens"] for r in rs) / len(rs) if rs else math.nan
-        out[f"rl/acc_think_{mode}"] = sum(r["correct"] for r in rs) / len(rs) if rs else math.nan
+        m = by_mode.get(f"mode_{mode}")
+        out[f"rl/tokens_think_{mode}"] = m["tokens_mean"] if m else math.nan
+        out[f"rl/acc_think_{mode}"] = m["acc"] if m else math.nan
     if rows:
-        out["rl/format_error_rate"] = sum(not r["well_formed"] for r in rows) / len(rows)
-        out["rl/truncation_rate"] = sum(r["truncated"] for r in rows) / len(rows)
+        out.update({f"rl/{k}": v for k, v in metrics.extra_rates(rows).items()})
     credit: Credit | None = col["credit"]
     if credit is not None:
         G_ = group_size
@@ -96,5 +86,5 @@ def step_metrics(col: dict, st: dict, *, group_size: int, history_resampler=None
     out["rl/grad_norm"] = st.get("grad_norm", 0.0)
     g = col["grade"]
     out["rl/grade_timeouts"] = float(g["timeouts"])
-    out["rl/grade_cache_hit_rate"] = g["cache_hits"] / max(1, len(rows) if rows else 1)
+    out["rl/grade_cache_hit_rate"] = g["cache_hits"] / max(1, len(rows))
     return out

@@ -270,7 +270,7 @@ def collect(samples: Sequence[dict], *, group_size: int, cfg: SamplingConfig, dy
         dyn.reset()
     cur = list(samples)
     parts: list[tuple[list[dict], Rollouts, list]] = []
-    all_rows: list[dict] = []
+    all_rows: list = []  # kat.metrics.Record per rollout (kat.rl.metrics.behaviour_rows)
     zero_std = groups_seen = 0
     grade_info = {"timeouts": 0, "errors": 0, "graded": 0, "cache_hits": 0}
     t_roll = t_grade = 0.0

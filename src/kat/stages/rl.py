@@ -387,7 +387,7 @@ class RL(KatStage):
     def log_step(self, col: dict, st: dict, *, t_update: float, step_s: float) -> None:
         """Metrics and timings of the step just finished, to the loggers, the plot history and the log."""
         out = self.step_metrics(col, st)
-        n_gen = sum(r["tokens"] for r in col["all_rows"])
+        n_gen = sum(r.tokens for r in col["all_rows"])
         out.update({"timing/rollout_s": col["t_rollout"], "timing/grade_s": col["t_grade"],
                     "timing/update_s": t_update, "timing/step_s": step_s,
                     "perf/tokens_per_s": n_gen / max(step_s, 1e-9)})
