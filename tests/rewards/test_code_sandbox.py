@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from kat.rewards import code, sandbox
+from kat.rewards import code, sandbox, sandbox_procs
 from kat.rewards.sandbox import SandboxConfig, SandboxUnavailableError
 
 BWRAP_OK, BWRAP_DETAIL = sandbox.probe()
@@ -45,7 +45,7 @@ def _run_clean(program: str, tests: str = "assert True", timeout_s: float = TIME
     elapsed = time.monotonic() - t0
     assert elapsed < timeout_s + SLACK, (elapsed, res)
     if res.uid is not None:
-        assert sandbox.pids_of_uid(res.uid) == [], f"processes left behind: {res}"
+        assert sandbox_procs.pids_of_uid(res.uid) == [], f"processes left behind: {res}"
     assert _zombie_children() == []
     return res
 

@@ -50,7 +50,6 @@ killed), else weaker (documented in docs/verifiers.md).
 """
 from __future__ import annotations
 
-import json
 import logging
 import marshal
 import os
@@ -66,6 +65,9 @@ import threading
 import time
 from dataclasses import dataclass, fields
 from typing import Mapping
+
+from kat.rewards.sandbox_procs import (count_uid_processes, inner_pidfd, kill_uid, pidfd_open, wait_exit,
+                                       world_traversable)
 
 log = logging.getLogger(__name__)
 
@@ -338,70 +340,6 @@ def _pick_uid(cfg: SandboxConfig) -> int:
     return random.SystemRandom().randint(lo, hi)
 
 
-def pids_of_uid(uid: int) -> list[int]:
-    """Pids of live processes whose real uid is ``uid`` (a /proc scan; zombies excluded)."""
-    out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/status") as f:
-                status = f.read()
-        except OSError:
-            continue
-        state = uid_line = None
-        for line in status.splitlines():
-            if line.startswith("State:"):
-                state = line.split()[1]
-            elif line.startswith("Uid:"):
-                uid_line = line.split()
-                break
-        if uid_line and int(uid_line[1]) == uid and state != "Z":
-            out.append(int(name))
-    return out
-
-
-def _kill_uid(uid: int, wait_s: float = 2.0) -> bool:
-    """SIGKILL every process of ``uid`` until none is left (at most ``wait_s``); True when none is.
-
-    Only used with the per-run uid, which nothing else on the machine uses (a fork bomb is bounded by
-    ``RLIMIT_NPROC``, so the loop converges).
-    """
-    end = time.monotonic() + wait_s
-    while True:
-        pids = pids_of_uid(uid)
-        if not pids:
-            return True
-        if time.monotonic() > end:
-            log.warning("sandbox uid %d still has processes %s after SIGKILL", uid, pids[:10])
-            return False
-        for p in pids:
-            try:
-                os.kill(p, signal.SIGKILL)
-            except OSError:
-                pass
-        time.sleep(0.002)
-
-
-def _world_traversable(path: str) -> bool:
-    """Whether every directory on the way to ``path`` is searchable by others (o+x)."""
-    p = os.path.realpath(path)
-    while True:
-        try:
-            if not os.stat(p).st_mode & 0o001:
-                return False
-        except OSError:
-            return False
-        parent = os.path.dirname(p)
-        if parent == p:
-            return True
-        p = parent
-
-
-def _count_uid_processes(uid: int) -> int:
-    return len(pids_of_uid(uid))
-
-
 # ---------------------------------------------------------------------- availability probe
 _probe_cache: dict[tuple, tuple[bool, str]] = {}
 _probe_lock = threading.Lock()
@@ -490,13 +428,13 @@ def _run(cfg: SandboxConfig, program: str, tests: str, *, timeout_s: float, bwra
         is_root = os.geteuid() == 0
         import sysconfig
 
-        if is_root and _world_traversable(sysconfig.get_paths()["stdlib"]) and _world_traversable(_python(cfg)):
+        if is_root and world_traversable(sysconfig.get_paths()["stdlib"]) and world_traversable(_python(cfg)):
             os.chmod(workdir, 0o777)
         else:
             uid = None
             require_unprivileged = False
             if not is_root:  # RLIMIT_NPROC counts every process of our uid: leave room for them
-                nproc_extra = _count_uid_processes(os.getuid())
+                nproc_extra = count_uid_processes(os.getuid())
     source = program + "\n\n" + tests + "\n"
     payload = {"token": token, "source": source, "sys_path": _site_paths(cfg),
                "limits": _limits(cfg, timeout_s, nproc_extra), "uid": uid,
@@ -520,7 +458,7 @@ def _run(cfg: SandboxConfig, program: str, tests: str, *, timeout_s: float, bwra
         os.close(info_w)
     out, err, info = bytearray(), bytearray(), bytearray()
     reason, timed_out, total, err_keep = None, False, 0, 16384
-    pidfd = _pidfd_open(proc.pid)
+    pidfd = pidfd_open(proc.pid)
     inner_fd = None  # pidfd of the sandbox's pid 1 (the harness), from bwrap's --info-fd
     sel = selectors.DefaultSelector()
     try:
@@ -541,7 +479,7 @@ def _run(cfg: SandboxConfig, program: str, tests: str, *, timeout_s: float, bwra
                         info += chunk
                     else:
                         sel.unregister(key.fileobj)
-                        inner_fd = _inner_pidfd(bytes(info), proc.pid)
+                        inner_fd = inner_pidfd(bytes(info), proc.pid)
                     continue
                 if not chunk:
                     sel.unregister(key.fileobj)
@@ -557,7 +495,7 @@ def _run(cfg: SandboxConfig, program: str, tests: str, *, timeout_s: float, bwra
                     break
         if not timed_out and reason is None:
             # both pipes closed: wait (without reaping) for the exit, still bounded by the deadline
-            timed_out = not _wait_exit(proc, pidfd, deadline)
+            timed_out = not wait_exit(proc, pidfd, deadline)
     finally:
         sel.close()
         abnormal = timed_out or reason is not None
@@ -568,7 +506,7 @@ def _run(cfg: SandboxConfig, program: str, tests: str, *, timeout_s: float, bwra
                 signal.pidfd_send_signal(inner_fd, signal.SIGKILL)
             except OSError:
                 pass
-            _wait_exit(proc, pidfd, time.monotonic() + 1.0)
+            wait_exit(proc, pidfd, time.monotonic() + 1.0)
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # pid not yet reaped: cannot hit a recycled group
         except (ProcessLookupError, PermissionError):
@@ -583,7 +521,7 @@ def _run(cfg: SandboxConfig, program: str, tests: str, *, timeout_s: float, bwra
         # down before bwrap returns). After a kill, and always without bwrap, make sure that no
         # process of the run's uid survives this call.
         if uid is not None and (bwrap is None or abnormal):
-            _kill_uid(uid)
+            kill_uid(uid)
         if workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     elapsed = time.monotonic() - t0
@@ -605,33 +543,6 @@ def _run(cfg: SandboxConfig, program: str, tests: str, *, timeout_s: float, bwra
                       bytes(err).decode("utf-8", "replace"), bwrap is not None, uid)
 
 
-def _pidfd_open(pid: int) -> int | None:
-    try:
-        return os.pidfd_open(pid)
-    except (AttributeError, OSError):
-        return None
-
-
-def _inner_pidfd(info: bytes, bwrap_pid: int) -> int | None:
-    """pidfd of the sandbox's pid 1 named in bwrap's info JSON, if it is still bwrap's child."""
-    try:
-        child = int(json.loads(info.decode())["child-pid"])
-    except (ValueError, KeyError, TypeError):
-        return None
-    fd = _pidfd_open(child)
-    if fd is None:
-        return None
-    try:  # the pidfd pins the process; make sure it is not a recycled pid
-        with open(f"/proc/{child}/stat") as f:
-            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        ppid = -1
-    if ppid != bwrap_pid:
-        os.close(fd)
-        return None
-    return fd
-
-
 _argv_cache: dict = {}
 
 
@@ -641,22 +552,3 @@ def _bwrap_argv_cached(cfg: SandboxConfig, bwrap: str) -> list[str]:
     if argv is None:
         argv = _argv_cache[key] = bwrap_argv(cfg, bwrap)
     return argv
-
-
-def _wait_exit(proc: subprocess.Popen, pidfd: int | None, deadline: float) -> bool:
-    """Wait until ``proc`` exits (not reaping it) or the deadline passes; True when it exited."""
-    if pidfd is not None:
-        left = max(0.0, deadline - time.monotonic())
-        import select
-
-        r, _, _ = select.select([pidfd], [], [], left)
-        return bool(r)
-    while time.monotonic() < deadline:
-        try:
-            info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        except ChildProcessError:
-            return True
-        if info is not None:
-            return True
-        time.sleep(0.002)
-    return False
